@@ -1,0 +1,32 @@
+# Two entry points that work on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/pip install -q -c constraints.txt
+
+.PHONY: demo test test-fast test-kernels venv clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.14.1 torchvision==0.29.1
+	$(PIP) -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m tomec.demo
+
+# The whole suite. Kernel tests run in their own process under TRITON_INTERPRET=1 (the variable must
+# be set before triton is imported).
+test: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -q tests --ignore=tests/kernels
+	@if [ -d tests/kernels ]; then TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/kernels; fi
+
+# Everything but the Inductor compiles (seconds instead of minutes).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests --ignore=tests/kernels -m "not slow"
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,145 @@
+"""FX graph passes: find attention blocks, plan, insert merges, fix shapes, weight pooling, validate.
+
+:func:`rewrite` runs the whole pipeline on a Dynamo FX graph (torch-level ops, before AOTAutograd)
+and returns the rewritten graph with a report of what changed and what was skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from torch.fx import GraphModule, Node
+
+from tomec.config import TomecConfig
+from tomec.errors import UnsupportedModelError
+
+from . import graph_utils as gu
+from .blocks import AttentionBlock, FoundBlocks, Skipped, find_blocks
+from .insert import Inserted, insert_merges
+from .plan import Plan, make_plan
+from .pooling import weight_token_means
+from .shapes import fix_shapes, validate
+
+__all__ = ["rewrite", "RewriteResult", "PassReport", "find_blocks", "AttentionBlock", "Plan"]
+
+log = logging.getLogger("tomec.passes")
+
+LOOKED_FOR = (
+    "an SDPA call or a softmax(q @ kᵀ) @ v chain, whose keys come from a residual stream that the "
+    "attention output is added back to"
+)
+
+
+@dataclass
+class PassReport:
+    """What one run of the pipeline did to one graph."""
+
+    graph_nodes: int
+    blocks: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    schedule: Optional[list[int]] = None
+    protected: Optional[int] = None
+    shape_literals: int = 0
+
+    def text(self) -> str:
+        lines = [f"graph with {self.graph_nodes} nodes"]
+        if self.schedule is not None:
+            lines.append(f"  protected tokens: {self.protected}; schedule: {self.schedule}")
+        lines += [f"  {b}" for b in self.blocks]
+        lines += [f"  skipped {s}" for s in self.skipped]
+        lines += [f"  {n}" for n in self.notes]
+        if self.shape_literals:
+            lines.append(f"  rewrote {self.shape_literals} shape literals")
+        return "\n".join(lines)
+
+
+@dataclass
+class RewriteResult:
+    gm: GraphModule
+    plan: Optional[Plan]
+    report: PassReport
+    extra_outputs: int = 0  # trailing graph outputs added by tomec (source map, sizes)
+    num_outputs: int = 0
+
+
+def _device_type(block: AttentionBlock) -> str:
+    value = gu.original_value(block.k)
+    return value.device.type
+
+
+def _downstream(node: Node) -> set:
+    seen, todo = set(), [node]
+    while todo:
+        for u in todo.pop().users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
+def _refuse_unmerged_attention(
+    skipped: list[Skipped], inserted: Inserted, config: TomecConfig, report: PassReport
+) -> None:
+    """An attention that is not a block but sees merged tokens would miss log(size): refuse it."""
+    if inserted.size is None or not config.prop_attn:
+        return
+    later = _downstream(inserted.first_merge)
+    for s in skipped:
+        if s.node in later:
+            msg = (
+                f"{gu.describe(s.node)} sees merged tokens but is not an attention block tomec "
+                f"rewrites ({s.reason}), so it would not get proportional attention"
+            )
+            if config.strict:
+                raise UnsupportedModelError(msg + "; use prop_attn=False or strict=False")
+            warnings.warn("tomec: " + msg, stacklevel=2)
+            report.notes.append("warning: " + msg)
+
+
+def _append_outputs(gm: GraphModule, nodes: list[Node]) -> tuple[int, int]:
+    out = next(iter(gm.graph.find_nodes(op="output")))
+    value = out.args[0]
+    if isinstance(value, (tuple, list)):
+        out.args = (tuple(value) + tuple(nodes),)
+        return len(value), len(nodes)
+    out.args = ((value, *nodes),)
+    return 1, len(nodes)
+
+
+def rewrite(gm: GraphModule, example_inputs: Sequence[Any], config: TomecConfig) -> RewriteResult:
+    """Insert token merging into a traced ViT graph (in place) and validate the result."""
+    report = PassReport(graph_nodes=len(gm.graph.nodes))
+    original = {n: gu.meta_shape(n, original=True) for n in gm.graph.nodes}
+    found: FoundBlocks = find_blocks(gm)
+    report.skipped = [str(s) for s in found.skipped]
+    if not found.blocks:
+        msg = f"no attention block found in the graph; looked for {LOOKED_FOR}"
+        if found.skipped:
+            msg += "; candidates skipped: " + "; ".join(report.skipped)
+        if config.strict:
+            raise UnsupportedModelError(msg + " (strict=False compiles such a graph unchanged)")
+        warnings.warn(f"tomec: {msg}; compiling the graph unchanged", stacklevel=2)
+        log.warning("tomec: %s; compiling the graph unchanged", msg)
+        report.notes.append("no attention block: compiled unchanged")
+        return RewriteResult(gm, None, report)
+
+    plan = make_plan(found.blocks, config)
+    report.schedule, report.protected = plan.schedule, plan.protected
+    inserted = insert_merges(gm, plan, config, _device_type(found.blocks[0]))
+    report.blocks = inserted.lines
+    _refuse_unmerged_attention(found.skipped, inserted, config, report)
+
+    result = RewriteResult(gm, plan, report)
+    if inserted.size is not None:
+        report.notes += weight_token_means(gm, inserted.size, plan.num_tokens)
+        if config.trace_source:
+            result.num_outputs, result.extra_outputs = _append_outputs(
+                gm, [inserted.source, inserted.size]
+            )
+    report.shape_literals = len(fix_shapes(gm, example_inputs, original))
+    validate(gm, example_inputs)
+    return result

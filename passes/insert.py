@@ -1,0 +1,125 @@
+"""Steps 3 and 4: insert merge nodes after the attention residuals, thread sizes (and the source
+map) to later blocks, and give every later attention the proportional-attention bias ``log(size)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch.fx import GraphModule, Node
+
+from tomec import ops
+from tomec.config import TomecConfig
+
+from . import graph_utils as gu
+from .blocks import AttentionBlock
+from .plan import Plan
+
+log = logging.getLogger("tomec.passes")
+
+
+@dataclass
+class Inserted:
+    """What the insertion left in the graph, for the later passes and the report."""
+
+    size: Optional[Node] = None  # sizes after the last merge [B, N_out, 1]
+    source: Optional[Node] = None  # source map after the last merge [B, N0]
+    first_merge: Optional[Node] = None  # everything downstream of it sees merged tokens
+    merged_blocks: list[int] = field(default_factory=list)
+    biased_blocks: list[int] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+
+def _impl_for(device_type: str) -> str:
+    # The Triton kernels arrive with the CUDA path; until then every device takes the torch ops.
+    return "torch"
+
+
+def _prop_attn_impl(config: TomecConfig, device_type: str) -> str:
+    if config.prop_attn_impl != "auto":
+        return config.prop_attn_impl
+    return "manual" if device_type == "cpu" else "mask"
+
+
+def _add_bias(gm: GraphModule, block: AttentionBlock, bias: Node, impl: str) -> None:
+    graph = gm.graph
+    if block.form == "manual":
+        with graph.inserting_before(block.attn):
+            biased = graph.call_function(operator.add, (block.logits, bias))
+        block.attn.replace_input_with(block.logits, biased)
+        return
+    sdpa = block.attn
+    mask = gu.arg(sdpa, 3, "attn_mask")
+    scale = gu.arg(sdpa, 6, "scale")
+    if gu.arg(sdpa, 4, "dropout_p", 0.0) != 0.0 or gu.arg(sdpa, 7, "enable_gqa", False):
+        impl = "mask"  # the explicit chain here has neither dropout nor grouped-query heads
+    with graph.inserting_before(sdpa):
+        if mask is not None:
+            bias = graph.call_function(ops.combine_masks, (mask, bias))
+        if impl == "manual":
+            attn = graph.call_function(ops.attention, (block.q, block.k, block.v, bias, scale))
+    if impl == "manual":
+        attn.meta.update({k: v for k, v in sdpa.meta.items() if k != "val"})
+        sdpa.replace_all_uses_with(attn)
+        graph.erase_node(sdpa)
+        block.attn = block.out = attn
+        return
+    args = list(sdpa.args[:3])
+    kwargs = {k: v for k, v in sdpa.kwargs.items() if k != "attn_mask"}
+    extra = list(sdpa.args[3:])
+    if extra:
+        extra[0] = bias
+        args += extra
+    else:
+        kwargs["attn_mask"] = bias
+    sdpa.args, sdpa.kwargs = tuple(args), kwargs
+
+
+def insert_merges(gm: GraphModule, plan: Plan, config: TomecConfig, device_type: str) -> Inserted:
+    """Rewrite ``gm`` in place following ``plan``; returns the final size/source nodes."""
+    graph = gm.graph
+    method = config.method_spec
+    impl = _impl_for(device_type)
+    attn_impl = _prop_attn_impl(config, device_type)
+    state = Inserted()
+    bias: Optional[Node] = None
+    num_layers = len(plan.blocks)
+
+    for block, r, n_in in zip(plan.blocks, plan.schedule, plan.tokens_in):
+        if state.size is not None and config.prop_attn:
+            if bias is None:
+                with graph.inserting_before(block.attn):
+                    bias = graph.call_function(ops.log_size_bias, (state.size, block.dtype))
+            _add_bias(gm, block, bias, attn_impl)
+            state.biased_blocks.append(block.index)
+        if r == 0:
+            state.lines.append(f"block {block.index} ({block.path}): {n_in} tokens, no merge")
+            continue
+        residual = block.residual
+        with graph.inserting_before(residual.next):
+            metric = graph.call_function(ops.key_metric, (block.k,))
+            dest = graph.call_function(
+                method.match,
+                (metric, r, plan.protected),
+                {"layer": block.index, "num_layers": num_layers, "impl": impl,
+                 **config.method_options},
+            )
+            merged = graph.call_function(
+                ops.merge, (residual, state.size, dest, n_in - r), {"impl": impl}
+            )
+            x_out = graph.call_function(operator.getitem, (merged, 0))
+            size = graph.call_function(operator.getitem, (merged, 1))
+            if config.trace_source:
+                state.source = graph.call_function(ops.compose_source, (state.source, dest))
+        inserted = {metric, dest, merged, x_out, size}
+        residual.replace_all_uses_with(x_out, delete_user_cb=lambda u: u not in inserted)
+        state.size, bias = size, None
+        state.first_merge = state.first_merge or merged
+        state.merged_blocks.append(block.index)
+        line = f"block {block.index} ({block.path}): {n_in} -> {n_in - r} tokens (r={r})"
+        state.lines.append(line)
+        log.info("tomec: rewrote %s", line)
+    return state

@@ -1,0 +1,1 @@
+"""Slow, loop-based, obviously correct implementations, written independently of tomec.ops."""

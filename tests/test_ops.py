@@ -1,0 +1,194 @@
+"""tomec.ops against the loop oracles (fp64, exact for maps), and their properties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.oracles import tome as oracle
+from tomec import ops
+from tomec.errors import ConfigError, UnsupportedDtypeError
+
+SHAPES = [(5, 0), (6, 1), (17, 1), (18, 2), (33, 5), (64, 1), (197, 1)]
+
+
+def _rs(n: int, protected: int) -> list[int]:
+    cap = (n - protected) // 2
+    return sorted({0, 1, cap // 2, cap})
+
+
+def _cases():
+    for n, p in SHAPES:
+        for r in _rs(n, p):
+            yield n, p, r
+
+
+def tie_metric(batch: int, n: int, seed: int) -> torch.Tensor:
+    """Tokens with exactly four ones out of 16: norms are exactly 2, every score is exact, and many
+    scores tie, so tie-breaking is tested without rounding noise."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.zeros(batch, n, 16, dtype=torch.float64)
+    for b in range(batch):
+        for i in range(n):
+            m[b, i, torch.randperm(16, generator=g)[:4]] = 1.0
+    return m
+
+
+@pytest.mark.parametrize("n,protected,r", list(_cases()))
+def test_bipartite_match_equals_oracle(n, protected, r):
+    g = torch.Generator().manual_seed(n * 100 + protected * 10 + r)
+    metric = torch.randn(3, n, 12, dtype=torch.float64, generator=g)
+    dest = ops.bipartite_match(metric, r, protected)
+    assert dest.dtype == torch.int64 and dest.shape == (3, n)
+    assert torch.equal(dest, oracle.bipartite_match(metric, r, protected))
+
+
+@pytest.mark.parametrize("n,protected,r", [(9, 1, 4), (16, 0, 8), (33, 2, 10), (50, 1, 24)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bipartite_match_ties_equal_oracle(n, protected, r, seed):
+    metric = tie_metric(2, n, seed)
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
+    assert scores[0].unique().numel() < scores[0].numel()  # the input really ties
+    assert torch.equal(ops.bipartite_match(metric, r, protected), oracle.bipartite_match(metric, r, protected))
+
+
+def test_bipartite_match_all_tied():
+    metric = torch.ones(2, 11, 4, dtype=torch.float64)  # every score is 1: pure tie-breaking
+    for protected in (0, 1, 3):
+        for r in range((11 - protected) // 2 + 1):
+            assert torch.equal(
+                ops.bipartite_match(metric, r, protected), oracle.bipartite_match(metric, r, protected)
+            )
+
+
+@pytest.mark.parametrize("n,protected,r", [(17, 1, 8), (18, 2, 5), (33, 5, 14)])
+def test_destination_map_structure(n, protected, r):
+    dest = ops.bipartite_match(torch.randn(4, n, 8), r, protected)
+    n_out = n - r
+    assert torch.equal(dest[:, :protected], torch.arange(protected).expand(4, protected))
+    for b in range(4):
+        assert sorted(set(dest[b].tolist())) == list(range(n_out))  # every slot used, none beyond
+        b_side = [j for j in range(1, n, 2) if j >= protected]  # B tokens: the last slots, in order
+        assert dest[b, b_side].tolist() == list(range(n_out - len(b_side), n_out))
+
+
+def random_map(batch: int, n: int, n_out: int, n_dropped: int, seed: int) -> torch.Tensor:
+    """Any destination map: every slot non-empty, ``n_dropped`` tokens at -1."""
+    g = torch.Generator().manual_seed(seed)
+    dest = torch.empty(batch, n, dtype=torch.int64)
+    for b in range(batch):
+        perm = torch.randperm(n, generator=g)
+        row = torch.randint(0, n_out, (n,), generator=g)
+        row[perm[:n_out]] = torch.randperm(n_out, generator=g)
+        row[perm[n_out : n_out + n_dropped]] = -1
+        dest[b] = row
+    return dest
+
+
+@pytest.mark.parametrize("n,n_out,n_dropped", [(7, 7, 0), (7, 4, 0), (12, 5, 3), (30, 1, 0), (40, 20, 20)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_merge_equals_oracle(n, n_out, n_dropped, weighted):
+    g = torch.Generator().manual_seed(n + n_out)
+    x = torch.randn(3, n, 6, dtype=torch.float64, generator=g)
+    size = torch.randint(1, 5, (3, n, 1), generator=g).to(torch.float64)
+    w = torch.rand(3, n, 1, dtype=torch.float64, generator=g) + 0.1 if weighted else None
+    dest = random_map(3, n, n_out, n_dropped, seed=n)
+    x_out, size_out = ops.merge(x, size, dest, n_out, w, n_dropped=n_dropped)
+    x_ref, size_ref = oracle.merge(x, size, dest, n_out, w)
+    # Same values, summed in another order: equal up to fp64 rounding.
+    torch.testing.assert_close(x_out, x_ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(size_out, size_ref)
+
+
+@pytest.mark.parametrize("n,protected,r", [(17, 1, 8), (64, 1, 20), (33, 5, 3)])
+def test_matching_then_merge_equals_oracle(n, protected, r):
+    metric = torch.randn(2, n, 8, dtype=torch.float64)
+    x = torch.randn(2, n, 5, dtype=torch.float64)
+    dest = ops.bipartite_match(metric, r, protected)
+    x_out, size_out = ops.merge(x, None, dest, n - r)
+    x_ref, size_ref = oracle.merge(x, None, oracle.bipartite_match(metric, r, protected), n - r)
+    torch.testing.assert_close(x_out, x_ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(size_out, size_ref)
+    assert torch.equal(x_out[:, :protected], x[:, :protected])  # protected tokens untouched, first
+    assert (size_out.sum(1) == n).all()
+
+
+def test_compose_source_equals_oracle():
+    n, source_ref, source = 40, None, None
+    x = torch.randn(2, n, 4, dtype=torch.float64)
+    size = None
+    for r in (10, 7, 5):
+        dest = ops.bipartite_match(torch.randn(2, x.shape[1], 4, dtype=torch.float64), r, 1)
+        source = ops.compose_source(source, dest)
+        source_ref = oracle.compose_source(source_ref, dest)
+        x, size = ops.merge(x, size, dest, x.shape[1] - r)
+        assert torch.equal(source, source_ref)
+    # the source map agrees with the sizes: each final token holds as many originals as its size
+    for b in range(2):
+        counts = torch.bincount(source[b], minlength=x.shape[1]).to(size.dtype)
+        assert torch.equal(counts, size[b, :, 0])
+    # and with dropped tokens, -1 stays -1
+    dest = torch.tensor([[0, -1, 1, 1]])
+    assert oracle.compose_source(torch.tensor([[0, 1, 2, 3, 3]]), dest).tolist() == [[0, -1, 1, 1, 1]]
+    assert ops.compose_source(torch.tensor([[0, 1, 2, 3, 3]]), dest).tolist() == [[0, -1, 1, 1, 1]]
+
+
+DTYPES = [(torch.float32, 1e-6, 1e-5), (torch.float16, 2e-3, 2e-3), (torch.bfloat16, 2e-2, 2e-2)]
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+def test_merge_low_precision_against_fp64(dtype, atol, rtol):
+    x = torch.randn(2, 50, 16, dtype=torch.float64)
+    dest = ops.bipartite_match(torch.randn(2, 50, 8), 20, 1)
+    ref, size_ref = ops.merge(x, None, dest, 30)
+    out, size = ops.merge(x.to(dtype), None, dest, 30)
+    assert out.dtype == dtype and size.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+    assert torch.equal(size.double(), size_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_match_low_precision_runs_and_is_a_valid_map(dtype):
+    dest = ops.bipartite_match(torch.randn(2, 31, 8).to(dtype), 10, 1)
+    for b in range(2):
+        assert sorted(set(dest[b].tolist())) == list(range(21))
+
+
+def test_ops_are_deterministic():
+    metric, x = torch.randn(4, 197, 64), torch.randn(4, 197, 384)
+    runs = []
+    for _ in range(2):
+        dest = ops.bipartite_match(metric, 40, 1)
+        runs.append((dest, *ops.merge(x, None, dest, 157)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(UnsupportedDtypeError, match="int64"):
+        ops.bipartite_match(torch.ones(1, 5, 4, dtype=torch.int64), 1, 0)
+    with pytest.raises(UnsupportedDtypeError, match="int32"):
+        ops.merge(torch.ones(1, 5, 4, dtype=torch.int32), None, torch.zeros(1, 5, dtype=torch.int64), 1)
+    with pytest.raises(ConfigError, match=r"r=3 is outside \[0, 2\]"):
+        ops.bipartite_match(torch.randn(1, 6, 4), 3, 1)
+    with pytest.raises(ConfigError, match="impl='cuda'"):
+        ops.bipartite_match(torch.randn(1, 6, 4), 1, 1, impl="cuda")
+    with pytest.raises(ConfigError, match="cannot merge 5 tokens into 6"):
+        ops.merge(torch.randn(1, 5, 4), None, torch.zeros(1, 5, dtype=torch.int64), 6)
+
+
+def test_size_weighted_mean_and_bias():
+    x = torch.randn(2, 4, 3, dtype=torch.float64)
+    size = torch.tensor([[1.0, 2.0, 3.0, 4.0]] * 2, dtype=torch.float64)[..., None]
+    expanded = torch.repeat_interleave(x, size[0, :, 0].long(), dim=1)  # each token as its patches
+    torch.testing.assert_close(ops.size_weighted_mean(x, size), expanded.mean(1))
+    bias = ops.log_size_bias(size, torch.float32)
+    assert bias.shape == (2, 1, 1, 4) and bias.dtype == torch.float32
+    torch.testing.assert_close(bias[0, 0, 0], size[0, :, 0].log().float())
+
+
+def test_attention_chain_matches_sdpa():
+    q, k, v = (torch.randn(2, 3, 9, 8, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(2, 1, 1, 9, dtype=torch.float64)
+    expect = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(ops.attention(q, k, v, bias), expect)

@@ -1,0 +1,233 @@
+"""The op layer: token-merging steps as functions of tensors.
+
+Every method ends in the same representation, the *destination map*: ``dest[b, i]`` is the output slot
+of token ``i`` (``-1``: dropped). :func:`merge` applies any destination map; matchers such as
+:func:`bipartite_match` produce one. Each op takes ``impl=``: ``"torch"`` is the plain-PyTorch
+semantic reference (used on CPU, and traced by Inductor there); ``"triton"`` arrives with the CUDA
+kernels. All ops are free of Python loops over tokens, host synchronization and data-dependent shapes,
+so Dynamo/Inductor trace them whole.
+
+Shapes: ``B`` batch, ``N`` tokens in, ``N_out`` tokens out, ``C`` channels, ``H`` heads, ``d`` head
+width, ``N0`` tokens entering the first block.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, UnsupportedDtypeError
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "check_dtype",
+    "key_metric",
+    "bipartite_match",
+    "merge",
+    "compose_source",
+    "log_size_bias",
+    "combine_masks",
+    "attention",
+    "size_weighted_mean",
+]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+IMPLS = ("torch",)
+
+
+def check_dtype(dtype: torch.dtype, where: str = "activations") -> None:
+    """Raise :class:`UnsupportedDtypeError` unless ``dtype`` is one tomec has ops for."""
+    if dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+        raise UnsupportedDtypeError(
+            f"{where} are {str(dtype).replace('torch.', '')}; tomec supports {names}"
+        )
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ConfigError(f"impl={impl!r} is not available; choose one of {IMPLS}")
+
+
+def key_metric(k: Tensor) -> Tensor:
+    """ToMe's similarity metric: the keys averaged over heads, ``[B, H, N, d] -> [B, N, d]``."""
+    return k.mean(1)
+
+
+def _normalize(metric: Tensor) -> Tensor:
+    # ToMe divides by the norm; the clamp only keeps an all-zero vector from turning into NaN.
+    norm = metric.norm(dim=-1, keepdim=True)
+    return metric / norm.clamp_min(torch.finfo(metric.dtype).tiny)
+
+
+def _descending_rank(score: Tensor) -> Tensor:
+    """Position of each entry in a stable descending sort of the last axis (ties: lower index first).
+
+    ``[B, n] -> [B, n]`` int64. Pairwise counting instead of ``sort`` + inverse permutation: one fused
+    reduction under Inductor, exact, and no tie-order freedom.
+    """
+    n = score.shape[-1]
+    idx = torch.arange(n, device=score.device)
+    other, me = score.unsqueeze(-2), score.unsqueeze(-1)  # [B, 1, n] (j), [B, n, 1] (i)
+    before = (other > me) | ((other == me) & (idx.view(1, 1, n) < idx.view(1, n, 1)))
+    return before.sum(-1)
+
+
+def bipartite_match(metric: Tensor, r: int, protected: int = 0, *, impl: str = "torch") -> Tensor:
+    """ToMe's bipartite soft matching, as a destination map.
+
+    Tokens split by position parity (A = even, B = odd, protected ones included); each A token's best
+    B partner by cosine similarity (ties: the lowest B index); the ``r`` A tokens with the highest
+    best score (ties: the lowest A index) merge into their partners. Output order: the protected
+    tokens, the unmerged non-protected A tokens by position, then the non-protected B tokens.
+
+    Args:
+        metric: ``[B, N, d]`` similarity features (normalized here).
+        r: tokens to remove, ``0 <= r <= (N - protected) // 2``.
+        protected: leading tokens that never merge.
+
+    Returns:
+        ``dest``: ``[B, N]`` int64 in ``[0, N - r)``.
+    """
+    _check_impl(impl)
+    check_dtype(metric.dtype, "the merge metric")
+    batch, n, _ = metric.shape
+    if not 0 <= protected <= n:
+        raise ConfigError(f"protected={protected} is outside [0, {n}] for {n} tokens")
+    cap = (n - protected) // 2
+    if not 0 <= r <= cap:
+        raise ConfigError(f"r={r} is outside [0, {cap}] for {n} tokens with {protected} protected")
+    device = metric.device
+    metric = _normalize(metric)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    n_a, n_b = a.shape[1], b.shape[1]
+    prot_a, prot_b = (protected + 1) // 2, protected // 2
+    ia = torch.arange(n_a, device=device)
+    ib = torch.arange(n_b, device=device)
+
+    scores = a @ b.transpose(-1, -2)  # [B, n_a, n_b]
+    blocked = (ia < prot_a).view(n_a, 1) | (ib < prot_b).view(1, n_b)
+    scores = scores.masked_fill(blocked, float("-inf"))
+    best, partner = scores.max(dim=-1)  # [B, n_a]; torch.max returns the first maximal index
+    is_src = _descending_rank(best) < r
+
+    # Output slots: protected tokens keep their positions, unmerged A tokens follow by position,
+    # then the non-protected B tokens; a source takes its partner's slot.
+    n_unmerged_a = n_a - prot_a - r
+    slot_b = torch.where(ib < prot_b, 2 * ib + 1, protected + n_unmerged_a + ib - prot_b)
+    kept_a = ~is_src & (ia >= prot_a)
+    slot_kept_a = protected - 1 + kept_a.cumsum(-1)
+    slot_a = torch.where(
+        ia < prot_a, 2 * ia, torch.where(is_src, slot_b[partner], slot_kept_a)
+    )
+    slot_b = slot_b.expand(batch, n_b)
+    paired = torch.stack([slot_a[:, :n_b], slot_b], dim=-1).reshape(batch, 2 * n_b)
+    return torch.cat([paired, slot_a[:, n_b:]], dim=1) if n_a > n_b else paired
+
+
+def merge(
+    x: Tensor,
+    size: Optional[Tensor],
+    dest: Tensor,
+    n_out: int,
+    w: Optional[Tensor] = None,
+    *,
+    n_dropped: int = 0,
+    impl: str = "torch",
+) -> tuple[Tensor, Tensor]:
+    """Apply a destination map: each output token is the weighted mean of its members.
+
+    Args:
+        x: ``[B, N, C]`` tokens.
+        size: ``[B, N, 1]`` patches per token, or ``None`` for all ones.
+        dest: ``[B, N]`` int64 output slot per token in ``[0, n_out)``, ``-1`` for dropped tokens.
+            Every slot must have at least one member, and exactly ``n_dropped`` tokens per image
+            are ``-1`` (both hold for every matcher in tomec; the shapes below depend on it).
+        n_out: number of output tokens.
+        w: ``[B, N, 1]`` merge weights; ``None`` means ``size`` (the size-weighted mean).
+        n_dropped: tokens per image with ``dest == -1``.
+
+    Returns:
+        ``x_out [B, n_out, C]`` (weighted means), ``size_out [B, n_out, 1]`` (sums of member sizes).
+    """
+    _check_impl(impl)
+    check_dtype(x.dtype, "merged tokens")
+    batch, n, channels = x.shape
+    n_extra = n - n_out - n_dropped
+    if n_out < 1 or n_extra < 0:
+        raise ConfigError(
+            f"cannot merge {n} tokens into {n_out} slots with {n_dropped} dropped "
+            f"(needs 1 <= n_out <= N - n_dropped)"
+        )
+    if size is None:
+        size = x.new_ones(batch, n, 1)
+    if w is None:
+        w = size
+    device = x.device
+    slots = torch.arange(n_out, device=device)
+    positions = torch.arange(n, device=device)
+
+    # Gather one member per slot (its first) and fold in only the few extra members: far cheaper
+    # than a scatter over all N tokens, and no floating-point atomics, so the result is deterministic.
+    is_member = dest.unsqueeze(1) == slots.view(1, n_out, 1)  # [B, n_out, N]
+    first = torch.where(is_member, positions.view(1, 1, n), n).amin(-1)  # [B, n_out]
+    is_first = first.gather(1, dest.clamp_min(0)) == positions.view(1, n)
+    is_extra = (dest >= 0) & ~is_first  # [B, N], n_extra per image
+    extra_rank = is_extra.cumsum(-1)  # k-th extra has rank k + 1
+    ks = torch.arange(n_extra, device=device)
+    extra = (extra_rank.unsqueeze(1) <= ks.view(1, n_extra, 1)).sum(-1)  # [B, n_extra] positions
+
+    xw = x * w
+    parts = torch.cat([xw, w, size], dim=-1)  # one gather for values, weights and sizes
+    out = parts.gather(1, first.unsqueeze(-1).expand(batch, n_out, channels + 2))
+    if n_extra:
+        extra_parts = parts.gather(1, extra.unsqueeze(-1).expand(batch, n_extra, channels + 2))
+        onto = (dest.gather(1, extra).unsqueeze(1) == slots.view(1, n_out, 1)).to(x.dtype)
+        out = out + onto @ extra_parts  # [B, n_out, n_extra] @ [B, n_extra, C + 2]
+    x_out = out[..., :channels] / out[..., channels : channels + 1]
+    return x_out, out[..., channels + 1 :]
+
+
+def compose_source(source: Optional[Tensor], dest: Tensor) -> Tensor:
+    """Track original tokens through a merge: ``[B, N0]`` slots of the original tokens.
+
+    ``source=None`` means the identity (the first merge); ``-1`` (dropped) stays ``-1``.
+    """
+    if source is None:
+        return dest
+    return torch.where(source >= 0, dest.gather(1, source.clamp_min(0)), -1)
+
+
+def log_size_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
+    """Proportional attention bias ``log(size)`` on the key axis: ``[B, N, 1] -> [B, 1, 1, N]``."""
+    return size.log().to(dtype).squeeze(-1)[:, None, None, :]
+
+
+def combine_masks(mask: Tensor, bias: Tensor) -> Tensor:
+    """An existing SDPA ``attn_mask`` (bool: True attends; or additive) plus the ``log(size)`` bias."""
+    if mask.dtype == torch.bool:
+        return bias.masked_fill(~mask, float("-inf"))
+    return mask + bias
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, scale: Optional[float] = None
+) -> Tensor:
+    """Attention as the explicit chain ``softmax(q kᵀ · scale + bias) v``; ``[B, H, N, d]`` in and out.
+
+    On CPU this beats SDPA with a float mask at the token counts of merged layers.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1) @ v
+
+
+def size_weighted_mean(x: Tensor, size: Tensor) -> Tensor:
+    """Average over tokens counting each token as many patches as it holds: ``[B, N, C] -> [B, C]``."""
+    size = size.to(x.dtype)
+    return (x * size).sum(1) / size.sum(1)

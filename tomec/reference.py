@@ -1,0 +1,200 @@
+"""The eager reference: token merging patched into timm models, module by module.
+
+``patch(model, "tome", r=100)`` swaps the classes of timm's ``Block`` and ``Attention`` instances for
+subclasses that merge after the attention residual, like ToMe's own patch, but keeps what timm's
+modules do (LayerScale, q/k norm, the attention output norm and gate, fused attention: SDPA with the
+``log(size)`` mask). It runs the same op layer as the compiled path and is its parity oracle; it is
+also the eager path for users. Average pooling over tokens becomes size-weighted, as in the pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .config import TomecConfig
+from .errors import UnsupportedModelError
+
+__all__ = ["patch", "unpatch", "state", "ReferenceState"]
+
+
+@dataclass
+class ReferenceState:
+    """What the patched model tracks during a forward pass (reset at the first block)."""
+
+    config: TomecConfig
+    num_layers: int
+    protected: int
+    schedule: Optional[list[int]] = None
+    num_tokens: Optional[int] = None
+    size: Optional[Tensor] = None
+    source: Optional[Tensor] = None
+    tokens_per_block: list[int] = field(default_factory=list)
+
+    def begin(self, num_tokens: int) -> None:
+        if self.schedule is None or self.num_tokens != num_tokens:
+            self.schedule = self.config.resolve_schedule(self.num_layers, num_tokens, self.protected)
+            self.num_tokens = num_tokens
+        self.size, self.source, self.tokens_per_block = None, None, []
+
+
+def _timm_classes() -> tuple[type, type, type]:
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    return Block, Attention, VisionTransformer
+
+
+def _attention_forward(
+    self: nn.Module, x: Tensor, size: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
+    is_causal: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """timm ``Attention.forward`` plus the ``log(size)`` bias; also returns the keys ``[B, H, N, d]``."""
+    if attn_mask is not None or is_causal:
+        raise UnsupportedModelError("the tomec reference does not merge under attention masks")
+    batch, n, _ = x.shape
+    gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+    qkv = self.qkv(x).reshape(batch, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = self.q_norm(q), self.k_norm(k)
+    bias = None if size is None else ops.log_size_bias(size, q.dtype)
+    if self.fused_attn:
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0
+        )
+    else:
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            attn = attn + bias
+        x = self.attn_drop(attn.softmax(dim=-1)) @ v
+    x = x.transpose(1, 2).reshape(batch, n, self.num_heads * self.head_dim)
+    x = self.norm(x)
+    if gate is not None:
+        x = x * gate
+    return self.proj_drop(self.proj(x)), k
+
+
+def _block_forward(
+    self: nn.Module, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False
+) -> Tensor:
+    st: ReferenceState = self._tomec_state
+    layer: int = self._tomec_layer
+    if layer == 0:
+        st.begin(x.shape[1])
+    st.tokens_per_block.append(x.shape[1])
+    size = st.size if st.config.prop_attn else None
+    attn_out, k = self.attn(self.norm1(x), size=size, attn_mask=attn_mask, is_causal=is_causal)
+    x = x + self.drop_path1(self.ls1(attn_out))
+    r = st.schedule[layer]
+    if r > 0:
+        method = st.config.method_spec
+        dest = method.match(
+            ops.key_metric(k), r, st.protected, layer=layer, num_layers=st.num_layers,
+            **st.config.method_options,
+        )
+        x, st.size = ops.merge(x, st.size, dest, x.shape[1] - r)
+        if st.config.trace_source:
+            st.source = ops.compose_source(st.source, dest)
+    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def _pool(self: nn.Module, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
+    """timm ``VisionTransformer.pool`` with the token average weighted by size."""
+    pool_type = self.global_pool if pool_type is None else pool_type
+    size = self._tomec_state.size
+    if size is None or pool_type not in ("avg", "avgmax") or self.attn_pool is not None:
+        return self._tomec_plain_pool(x, pool_type)
+    start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+    mean = ops.size_weighted_mean(x[:, start:], size[:, start:])
+    if pool_type == "avg":
+        return mean
+    return 0.5 * (x[:, start:].amax(dim=1) + mean)
+
+
+_SUBCLASSES: dict[tuple[type, str], type] = {}
+
+
+def _swap_class(module: nn.Module, methods: dict[str, Any], tag: str) -> None:
+    base = type(module)
+    key = (base, tag)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"Tomec{base.__name__}", (base,), dict(methods, _tomec_base=base))
+    module.__class__ = _SUBCLASSES[key]
+
+
+def patch(
+    model: nn.Module,
+    method: str = "tome",
+    *,
+    r: Optional[int] = None,
+    inflect: float = -0.5,
+    schedule: Any = None,
+    prop_attn: bool = True,
+    protect: Union[str, int] = "auto",
+    trace_source: bool = False,
+    **method_options: Any,
+) -> nn.Module:
+    """Patch a timm ViT (or any module holding timm ``Block``s) in place; returns the model.
+
+    Arguments mean what they mean for :func:`tomec.backend`. ``protect="auto"`` takes the model's
+    ``num_prefix_tokens`` (CLS, distillation token, registers), or 0 for a bare block stack.
+    After a forward pass, :func:`state` gives the schedule, sizes and (with ``trace_source``) the
+    source map.
+    """
+    block_cls, attn_cls, vit_cls = _timm_classes()
+    config = TomecConfig(
+        method=method, r=r, inflect=inflect, schedule=schedule, prop_attn=prop_attn,
+        protect=protect, trace_source=trace_source, compiler="eager", method_options=method_options,
+    )
+    if hasattr(model, "_tomec_state"):
+        unpatch(model)
+    blocks = [m for m in model.modules() if isinstance(m, block_cls)]
+    if not blocks:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} holds no timm Block; the reference patch supports timm "
+            f"VisionTransformer-style models (use the tomec backend for other models)"
+        )
+    for b in blocks:
+        if not isinstance(b.attn, attn_cls):
+            raise UnsupportedModelError(
+                f"block {type(b).__name__} has attention {type(b.attn).__name__}; the reference "
+                f"patch supports timm's Attention only"
+            )
+    if protect == "auto":
+        protected = int(getattr(model, "num_prefix_tokens", 0))
+    else:
+        protected = int(protect)
+    st = ReferenceState(config=config, num_layers=len(blocks), protected=protected)
+    model._tomec_state = st
+    for layer, b in enumerate(blocks):
+        b._tomec_state, b._tomec_layer = st, layer
+        _swap_class(b, {"forward": _block_forward}, "block")
+        _swap_class(b.attn, {"forward": _attention_forward}, "attn")
+    if isinstance(model, vit_cls):
+        _swap_class(model, {"pool": _pool, "_tomec_plain_pool": vit_cls.pool}, "vit")
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch` (classes restored, state removed)."""
+    for m in model.modules():
+        base = getattr(type(m), "_tomec_base", None)
+        if base is not None:
+            m.__class__ = base
+        for attr in ("_tomec_state", "_tomec_layer"):
+            if attr in m.__dict__:
+                delattr(m, attr)
+    return model
+
+
+def state(model: nn.Module) -> ReferenceState:
+    """The state of a patched model (schedule, sizes, source map of the last forward)."""
+    st = getattr(model, "_tomec_state", None)
+    if st is None:
+        raise UnsupportedModelError(f"{type(model).__name__} is not patched by tomec.reference")
+    return st
