@@ -64,6 +64,7 @@ class RewriteResult:
     report: PassReport
     extra_outputs: int = 0  # trailing graph outputs added by tomec (source map, sizes)
     num_outputs: int = 0
+    tokens_per_block: list[int] = field(default_factory=list)  # measured on the validated graph
 
 
 def _device_type(block: AttentionBlock) -> str:
@@ -135,11 +136,12 @@ def rewrite(gm: GraphModule, example_inputs: Sequence[Any], config: TomecConfig)
 
     result = RewriteResult(gm, plan, report)
     if inserted.size is not None:
-        report.notes += weight_token_means(gm, inserted.size, plan.num_tokens)
+        report.notes += weight_token_means(gm, inserted.last_merge, inserted.size, plan.num_tokens)
         if config.trace_source:
             result.num_outputs, result.extra_outputs = _append_outputs(
                 gm, [inserted.source, inserted.size]
             )
     report.shape_literals = len(fix_shapes(gm, example_inputs, original))
     validate(gm, example_inputs)
+    result.tokens_per_block = [int(gu.meta_shape(b.k)[2]) for b in plan.blocks]
     return result

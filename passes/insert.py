@@ -28,6 +28,7 @@ class Inserted:
     size: Optional[Node] = None  # sizes after the last merge [B, N_out, 1]
     source: Optional[Node] = None  # source map after the last merge [B, N0]
     first_merge: Optional[Node] = None  # everything downstream of it sees merged tokens
+    last_merge: Optional[Node] = None
     merged_blocks: list[int] = field(default_factory=list)
     biased_blocks: list[int] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
@@ -117,7 +118,9 @@ def insert_merges(gm: GraphModule, plan: Plan, config: TomecConfig, device_type:
         inserted = {metric, dest, merged, x_out, size}
         residual.replace_all_uses_with(x_out, delete_user_cb=lambda u: u not in inserted)
         state.size, bias = size, None
-        state.first_merge = state.first_merge or merged
+        if state.first_merge is None:
+            state.first_merge = merged
+        state.last_merge = merged
         state.merged_blocks.append(block.index)
         line = f"block {block.index} ({block.path}): {n_in} -> {n_in - r} tokens (r={r})"
         state.lines.append(line)

@@ -39,9 +39,16 @@ class Plan:
 
 
 def _is_data_input(node: Node) -> bool:
-    return node.op == "placeholder" and not isinstance(
-        node.meta.get("example_value"), torch.nn.Parameter
-    )
+    """A tensor the caller passes in (the images), not a parameter, buffer or symbolic size."""
+    if node.op != "placeholder":
+        return False
+    value = gu.original_value(node)
+    if not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter):
+        return False
+    grapharg = node.meta.get("grapharg")
+    source = getattr(getattr(grapharg, "source", None), "name", "")
+    source = source() if callable(source) else str(source)
+    return "._buffers[" not in source and "._parameters[" not in source
 
 
 def _concat_dim(node: Node) -> Optional[int]:

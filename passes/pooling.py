@@ -47,13 +47,14 @@ def _mean_over_tokens(node: Node) -> Optional[tuple[Node, bool]]:
     return (src, bool(keepdim)) if isinstance(src, Node) else None
 
 
-def weight_token_means(gm: GraphModule, size: Node, num_tokens: int) -> list[str]:
-    """Replace token means downstream of the final ``size`` node; returns what was replaced.
+def weight_token_means(gm: GraphModule, last_merge: Node, size: Node, num_tokens: int) -> list[str]:
+    """Replace the token means downstream of the last merge; returns what was replaced.
 
-    ``num_tokens``: the token count Dynamo traced (before merging), used to recognize the stream.
+    ``size``: the sizes after the last merge; ``num_tokens``: the token count Dynamo traced (before
+    merging), used to recognize the token stream.
     """
     graph = gm.graph
-    downstream = _descendants(size)
+    downstream = _descendants(last_merge)
     replaced = []
     for node in list(graph.nodes):
         if node not in downstream:

@@ -35,7 +35,8 @@ class TomecBackend:
     """A Dynamo backend that rewrites each traced graph with token merging, then compiles it.
 
     After compilation, ``schedule`` holds the resolved per-block counts of the last graph and
-    ``report()`` what the passes did; with ``trace_source=True``, ``last_info`` holds the source map
+    ``report()`` what the passes did; ``tokens_per_block`` the token count entering each block's
+    attention, read off the validated graph; with ``trace_source=True``, ``last_info`` holds the source map
     (``[B, N0]`` int64, the final slot of every original token) and sizes (``[B, N_out, 1]``) of the
     last call.
     """
@@ -46,6 +47,7 @@ class TomecBackend:
         self.config = config
         self.schedule: Optional[list[int]] = None
         self.protected: Optional[int] = None
+        self.tokens_per_block: Optional[list[int]] = None
         self.last_info: Optional[dict[str, Any]] = None
         self.compile_seconds: list[float] = []
         self._reports: list[str] = []
@@ -74,6 +76,7 @@ class TomecBackend:
         if result.plan is not None:
             self.schedule = list(result.plan.schedule)
             self.protected = result.plan.protected
+            self.tokens_per_block = result.tokens_per_block
         if self.config.compiler == "eager":
             compiled = result.gm.forward
         else:

@@ -1,0 +1,54 @@
+"""Shared test fixtures: small random-weight timm models, images, and parity measurement."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+import tomec
+from tomec import reference
+
+IMAGE_SIZE = {"test_vit": 160, "deit_tiny_patch16_224": 224}
+
+
+def make_model(name: str = "test_vit", fused: bool = True, seed: int = 0, **kwargs: Any) -> nn.Module:
+    """A random-weight timm model in eval mode; ``fused=False`` builds the manual attention chain."""
+    previous = timm.layers.use_fused_attn()
+    timm.layers.set_fused_attn(fused)
+    try:
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    finally:
+        timm.layers.set_fused_attn(previous)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            assert m.fused_attn == fused
+    return model
+
+
+def images(name: str, batch: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    side = IMAGE_SIZE.get(name, 224)
+    return torch.randn(batch, 3, side, side, generator=g)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Max abs error relative to the reference logits' scale (the issue's parity measure)."""
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def compile_tomec(model: nn.Module, **kwargs: Any) -> tuple[Any, tomec.TomecBackend]:
+    torch._dynamo.reset()
+    be = tomec.backend(**kwargs)
+    return torch.compile(model, backend=be, fullgraph=True), be
+
+
+def reference_of(model: nn.Module, **kwargs: Any) -> nn.Module:
+    """The eager reference patch on a copy of ``model`` (same weights)."""
+    kwargs.pop("compiler", None)
+    kwargs.pop("prop_attn_impl", None)
+    return reference.patch(copy.deepcopy(model), **kwargs)

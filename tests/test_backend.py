@@ -1,0 +1,202 @@
+"""Model-level parity: compiled tomec against the eager reference patch (DESIGN.md, testing, 4).
+
+The full matrix (models × batch × attention form × prop_attn) runs with ``compiler="eager"``: the
+same rewritten graph, executed without Inductor. Inductor compiles cost tens of seconds each on two
+cores, so the ``slow`` tests cover every value of every axis under Inductor without the full product.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tomec
+from tests.helpers import compile_tomec, images, make_model, reference_of, relative_error
+from tomec import reference
+
+TOLERANCE = 1e-4  # max abs error relative to the logits' scale (fp32)
+R = {"test_vit": 40, "deit_tiny_patch16_224": 80}
+
+
+def check_parity(name, fused, batch, prop_attn, compiler, r=None, **kwargs):
+    model = make_model(name, fused)
+    x = images(name, batch)
+    r = R[name] if r is None else r
+    compiled, be = compile_tomec(model, method="tome", r=r, prop_attn=prop_attn, compiler=compiler, **kwargs)
+    ref = reference_of(model, method="tome", r=r, prop_attn=prop_attn)
+    with torch.no_grad():
+        out, expect, plain = compiled(x), ref(x), model(x)
+    st = reference.state(ref)
+    assert be.schedule == st.schedule and sum(be.schedule) == r
+    # tokens entering each block: the rewritten graph's shapes, the reference's, the schedule's
+    expected_tokens = [st.tokens_per_block[0] - sum(be.schedule[:i]) for i in range(len(be.schedule))]
+    assert be.tokens_per_block == st.tokens_per_block == expected_tokens
+    err = relative_error(out, expect)
+    assert err <= TOLERANCE, f"relative error {err:.2e} against the reference"
+    if r > 0:  # the merge is really there: the unmerged model answers differently
+        assert relative_error(out, plain) > 100 * TOLERANCE
+    return model, compiled, be, ref, x
+
+
+@pytest.mark.parametrize(
+    "name,fused,batch,prop_attn",
+    list(itertools.product(["test_vit", "deit_tiny_patch16_224"], [True, False], [1, 4], [True, False])),
+)
+def test_parity_eager_compiler(name, fused, batch, prop_attn):
+    check_parity(name, fused, batch, prop_attn, compiler="eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,fused,batch,prop_attn",
+    [
+        ("test_vit", True, 4, True),
+        ("test_vit", False, 1, True),
+        ("test_vit", True, 1, False),
+        ("deit_tiny_patch16_224", True, 4, True),
+        ("deit_tiny_patch16_224", False, 4, False),
+    ],
+)
+def test_parity_inductor(name, fused, batch, prop_attn):
+    check_parity(name, fused, batch, prop_attn, compiler="inductor")
+
+
+@pytest.mark.parametrize("compiler", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_r0_equals_unmerged(compiler):
+    model = make_model("test_vit")
+    x = images("test_vit", 2)
+    compiled, be = compile_tomec(model, r=0, compiler=compiler)
+    with torch.no_grad():
+        out = compiled(x)
+        if compiler == "inductor":
+            torch._dynamo.reset()
+            plain = torch.compile(model, fullgraph=True)(x)
+            assert torch.equal(out, plain)  # same graph, same kernels: bitwise
+        expect = model(x)
+    assert be.schedule == [0] * 6
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+    if compiler == "eager":
+        assert torch.equal(out, expect)
+
+
+@pytest.mark.parametrize("compiler", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_second_batch_size_recompiles_and_stays_correct(compiler):
+    model, compiled, be, ref, _ = check_parity("test_vit", True, 4, True, compiler)
+    x2 = images("test_vit", 3, seed=7)
+    with torch.no_grad():
+        out, expect = compiled(x2), ref(x2)
+    assert relative_error(out, expect) <= TOLERANCE
+    assert be.tokens_per_block == reference.state(ref).tokens_per_block
+    assert len(be.compile_seconds) == 2  # one graph per batch size (the second with a symbolic batch)
+
+
+def test_trace_source_matches_reference_and_sizes():
+    model = make_model("test_vit")
+    x = images("test_vit", 2)
+    compiled, be = compile_tomec(model, r=40, compiler="eager", trace_source=True)
+    ref = reference_of(model, method="tome", r=40, trace_source=True)
+    with torch.no_grad():
+        out, expect = compiled(x), ref(x)
+    assert relative_error(out, expect) <= TOLERANCE
+    info, st = be.last_info, reference.state(ref)
+    assert info["source"].shape == (2, 101) and info["num_protected"] == 1
+    assert torch.equal(info["source"], st.source)
+    torch.testing.assert_close(info["size"], st.size)
+    for b in range(2):  # every original token in exactly one final token; counts equal sizes
+        counts = torch.bincount(info["source"][b], minlength=info["size"].shape[1])
+        assert torch.equal(counts.to(info["size"].dtype), info["size"][b, :, 0])
+    assert info["source"][:, 0].eq(0).all()  # CLS stays first, alone
+    assert info["size"][:, 0, 0].eq(1).all()
+
+
+def test_deterministic_bitwise():
+    model = make_model("test_vit")
+    x = images("test_vit", 4)
+    compiled, _ = compile_tomec(model, r=40, compiler="eager")
+    with torch.no_grad():
+        a, b = compiled(x), compiled(x)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_inductor_deterministic_and_accepts_mode_and_options():
+    model = make_model("test_vit")
+    x = images("test_vit", 4)
+    torch._dynamo.reset()
+    be = tomec.backend(r=40)
+    compiled = torch.compile(model, backend=be, mode="reduce-overhead", options=None, fullgraph=True)
+    with torch.no_grad():
+        a, b = compiled(x), compiled(x)
+    assert torch.equal(a, b)
+    torch._dynamo.reset()
+    be2 = tomec.backend(r=40)
+    compiled2 = torch.compile(model, backend=be2, options={"epilogue_fusion": False}, fullgraph=True)
+    with torch.no_grad():
+        c = compiled2(x)
+    assert relative_error(c, a) <= TOLERANCE
+    assert be.schedule == be2.schedule
+
+
+def test_registered_by_name_without_import():
+    code = (
+        "import torch, timm, sys\n"
+        "assert 'tomec' not in sys.modules\n"
+        "m = timm.create_model('test_vit', pretrained=False).eval()\n"
+        "f = torch.compile(m, backend='tomec', options={'method': 'tome', 'r': 30, 'compiler': 'eager'})\n"
+        "with torch.no_grad(): y = f(torch.randn(2, 3, 160, 160))\n"
+        "assert 'tomec' in sys.modules and y.shape == (2, 1000)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_report_and_logging(caplog):
+    model = make_model("test_vit")
+    with caplog.at_level("INFO", logger="tomec"):
+        compiled, be = compile_tomec(model, r=40, compiler="eager")
+        with torch.no_grad():
+            compiled(images("test_vit", 2))
+    text = be.report()
+    assert "block 0 (blocks.0): 101 -> " in text and "protected tokens: 1" in text
+    assert sum("rewrote block" in r.getMessage() for r in caplog.records) == sum(v > 0 for v in be.schedule)
+
+
+@pytest.mark.parametrize(
+    "name,side,protected",
+    [("deit_tiny_distilled_patch16_224", 224, 2), ("vit_small_patch14_reg4_dinov2", 112, 5)],
+)
+def test_protected_tokens_detected(name, side, protected):
+    model = make_model(name, img_size=side)
+    x = torch.randn(2, 3, side, side)
+    compiled, be = compile_tomec(model, r=30, compiler="eager", trace_source=True)
+    ref = reference_of(model, method="tome", r=30, trace_source=True)
+    with torch.no_grad():
+        out, expect = compiled(x), ref(x)
+    assert be.protected == protected == reference.state(ref).protected
+    assert relative_error(out, expect) <= TOLERANCE
+    source = be.last_info["source"]
+    assert torch.equal(source[:, :protected], torch.arange(protected).expand(2, protected))
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,side,protected",
+    [
+        ("test_vit", dict(global_pool="avg", class_token=False), 160, 0),
+        ("vit_little_patch16_reg4_gap_256", dict(img_size=128), 128, 4),  # mean over x[:, 4:]
+    ],
+)
+def test_average_pooling_becomes_size_weighted(name, kwargs, side, protected):
+    model = make_model(name, **kwargs)
+    x = torch.randn(2, 3, side, side)
+    compiled, be = compile_tomec(model, r=30, compiler="eager")
+    ref = reference_of(model, method="tome", r=30)
+    with torch.no_grad():
+        out, expect = compiled(x), ref(x)
+    assert be.protected == protected
+    assert relative_error(out, expect) <= TOLERANCE
+    assert "size-weighted mean" in be.report()

@@ -1,0 +1,121 @@
+"""Bad input: each a clear tomec error naming the numbers or the names, never a trace from Inductor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tomec
+from tests.helpers import images, make_model
+from tomec.errors import (
+    ConfigError,
+    ScheduleError,
+    TomecError,
+    UnsupportedDtypeError,
+    UnsupportedModelError,
+)
+
+
+def compile_error(model, x, **kwargs) -> TomecError:
+    """Compile and run; return the tomec error Dynamo wrapped (BackendCompilerFailed)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=tomec.backend(**kwargs), fullgraph=True)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info:
+        with torch.no_grad():
+            compiled(x)
+    inner = info.value.inner_exception
+    assert isinstance(inner, TomecError), repr(inner)
+    return inner
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(method="tome2", r=8), ConfigError, "unknown method 'tome2'; known methods: tome"),
+        (dict(r=-3), ConfigError, "non-negative integer, got -3"),
+        (dict(r=12.5), ConfigError, "non-negative integer, got 12.5"),
+        (dict(r="8"), ConfigError, "non-negative integer, got '8'"),
+        (dict(r=8, inflect=-1.2), ConfigError, r"inflect must be in \[-1, 1\], got -1.2"),
+        (dict(r=8, inflect=float("nan")), ConfigError, "inflect must be a number"),
+        (dict(), ConfigError, "give r="),
+        (dict(r=8, schedule=[1] * 12), ConfigError, "not both"),
+        (dict(r=8, compiler="tvm"), ConfigError, "compiler='tvm'"),
+        (dict(r=8, prop_attn_impl="flash"), ConfigError, "prop_attn_impl='flash'"),
+        (dict(r=8, protect=-1), ConfigError, "protect must be"),
+        (dict(r=8, margin=0.5), ConfigError, "method 'tome' has no option 'margin'; its options are: none"),
+        (dict(r=8, prop_attn="yes"), ConfigError, "prop_attn must be True or False"),
+    ],
+)
+def test_config_errors_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tomec.backend(**kwargs)
+
+
+def test_r_larger_than_mergeable_tokens():
+    err = compile_error(make_model("test_vit"), images("test_vit", 2), r=500, compiler="eager")
+    assert isinstance(err, ScheduleError)
+    assert "r=500" in str(err) and "at most 98 of the 100 mergeable tokens" in str(err)
+
+
+def test_schedule_of_wrong_length():
+    err = compile_error(make_model("test_vit"), images("test_vit", 2), schedule=[4] * 12, compiler="eager")
+    assert isinstance(err, ScheduleError)
+    assert "12 entries but the model has 6 attention blocks" in str(err)
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_model_without_attention_blocks_strict_and_lenient():
+    model, x = ConvNet().eval(), torch.randn(2, 3, 16, 16)
+    err = compile_error(model, x, r=8)
+    assert isinstance(err, UnsupportedModelError)
+    assert "no attention block found" in str(err) and "strict=False" in str(err)
+    torch._dynamo.reset()
+    be = tomec.backend(r=8, strict=False, compiler="eager")
+    with pytest.warns(UserWarning, match="compiling the graph unchanged"):
+        with torch.no_grad():
+            out = torch.compile(model, backend=be)(x)
+    with torch.no_grad():
+        assert torch.equal(out, model(x))
+    assert "compiled unchanged" in be.report()
+
+
+class IntScoreBlock(nn.Module):
+    """An attention block whose keys (and scores) are integers: no merge op exists for them."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k = q.unsqueeze(1).round().int(), k.unsqueeze(1).round().int()
+        attn = (q @ k.transpose(-2, -1)).float().softmax(dim=-1)
+        return x + self.proj((attn @ v.unsqueeze(1)).squeeze(1))
+
+
+def test_unsupported_dtype():
+    err = compile_error(IntScoreBlock().eval(), torch.randn(2, 9, 16), r=2, protect=0)
+    assert isinstance(err, UnsupportedDtypeError)
+    assert "int32" in str(err) and "block 0" in str(err) and "float32" in str(err)
+
+
+def test_unknown_inductor_option_through_the_registered_backend():
+    torch._dynamo.reset()
+    model = make_model("test_vit")
+    compiled = torch.compile(model, backend="tomec", options={"r": 8, "no_such_knob": 1})
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info:
+        with torch.no_grad():
+            compiled(images("test_vit", 1))
+    assert isinstance(info.value.inner_exception, ConfigError)
+    assert "no_such_knob" in str(info.value.inner_exception)
