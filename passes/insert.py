@@ -114,7 +114,9 @@ def insert_merges(gm: GraphModule, plan: Plan, config: TomecConfig, device_type:
             x_out = graph.call_function(operator.getitem, (merged, 0))
             size = graph.call_function(operator.getitem, (merged, 1))
             if config.trace_source:
-                state.source = graph.call_function(ops.compose_source, (state.source, dest))
+                state.source = graph.call_function(
+                    ops.compose_source, (state.source, dest), {"impl": impl}
+                )
         inserted = {metric, dest, merged, x_out, size}
         residual.replace_all_uses_with(x_out, delete_user_cb=lambda u: u not in inserted)
         state.size, bias = size, None

@@ -190,11 +190,12 @@ def merge(
     return x_out, out[..., channels + 1 :]
 
 
-def compose_source(source: Optional[Tensor], dest: Tensor) -> Tensor:
+def compose_source(source: Optional[Tensor], dest: Tensor, *, impl: str = "torch") -> Tensor:
     """Track original tokens through a merge: ``[B, N0]`` slots of the original tokens.
 
     ``source=None`` means the identity (the first merge); ``-1`` (dropped) stays ``-1``.
     """
+    _check_impl(impl)
     if source is None:
         return dest
     return torch.where(source >= 0, dest.gather(1, source.clamp_min(0)), -1)
