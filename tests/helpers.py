@@ -52,3 +52,27 @@ def reference_of(model: nn.Module, **kwargs: Any) -> nn.Module:
     kwargs.pop("compiler", None)
     kwargs.pop("prop_attn_impl", None)
     return reference.patch(copy.deepcopy(model), **kwargs)
+
+
+def tie_metric(batch: int, n: int, seed: int) -> torch.Tensor:
+    """Tokens with exactly four ones out of 16: norms are exactly 2, every score is exact, and many
+    scores tie, so tie-breaking is tested without rounding noise."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.zeros(batch, n, 16, dtype=torch.float64)
+    for b in range(batch):
+        for i in range(n):
+            m[b, i, torch.randperm(16, generator=g)[:4]] = 1.0
+    return m
+
+
+def random_map(batch: int, n: int, n_out: int, n_dropped: int, seed: int) -> torch.Tensor:
+    """Any destination map: every slot non-empty, ``n_dropped`` tokens at -1."""
+    g = torch.Generator().manual_seed(seed)
+    dest = torch.empty(batch, n, dtype=torch.int64)
+    for b in range(batch):
+        perm = torch.randperm(n, generator=g)
+        row = torch.randint(0, n_out, (n,), generator=g)
+        row[perm[:n_out]] = torch.randperm(n_out, generator=g)
+        row[perm[n_out : n_out + n_dropped]] = -1
+        dest[b] = row
+    return dest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import random_map, tie_metric
 from tests.oracles import tome as oracle
 from tomec import ops
 from tomec.errors import ConfigError, UnsupportedDtypeError
@@ -21,17 +22,6 @@ def _cases():
     for n, p in SHAPES:
         for r in _rs(n, p):
             yield n, p, r
-
-
-def tie_metric(batch: int, n: int, seed: int) -> torch.Tensor:
-    """Tokens with exactly four ones out of 16: norms are exactly 2, every score is exact, and many
-    scores tie, so tie-breaking is tested without rounding noise."""
-    g = torch.Generator().manual_seed(seed)
-    m = torch.zeros(batch, n, 16, dtype=torch.float64)
-    for b in range(batch):
-        for i in range(n):
-            m[b, i, torch.randperm(16, generator=g)[:4]] = 1.0
-    return m
 
 
 @pytest.mark.parametrize("n,protected,r", list(_cases()))
@@ -70,19 +60,6 @@ def test_destination_map_structure(n, protected, r):
         assert sorted(set(dest[b].tolist())) == list(range(n_out))  # every slot used, none beyond
         b_side = [j for j in range(1, n, 2) if j >= protected]  # B tokens: the last slots, in order
         assert dest[b, b_side].tolist() == list(range(n_out - len(b_side), n_out))
-
-
-def random_map(batch: int, n: int, n_out: int, n_dropped: int, seed: int) -> torch.Tensor:
-    """Any destination map: every slot non-empty, ``n_dropped`` tokens at -1."""
-    g = torch.Generator().manual_seed(seed)
-    dest = torch.empty(batch, n, dtype=torch.int64)
-    for b in range(batch):
-        perm = torch.randperm(n, generator=g)
-        row = torch.randint(0, n_out, (n,), generator=g)
-        row[perm[:n_out]] = torch.randperm(n_out, generator=g)
-        row[perm[n_out : n_out + n_dropped]] = -1
-        dest[b] = row
-    return dest
 
 
 @pytest.mark.parametrize("n,n_out,n_dropped", [(7, 7, 0), (7, 4, 0), (12, 5, 3), (30, 1, 0), (40, 20, 20)])

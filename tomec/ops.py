@@ -3,9 +3,10 @@
 Every method ends in the same representation, the *destination map*: ``dest[b, i]`` is the output slot
 of token ``i`` (``-1``: dropped). :func:`merge` applies any destination map; matchers such as
 :func:`bipartite_match` produce one. Each op takes ``impl=``: ``"torch"`` is the plain-PyTorch
-semantic reference (used on CPU, and traced by Inductor there); ``"triton"`` arrives with the CUDA
-kernels. All ops are free of Python loops over tokens, host synchronization and data-dependent shapes,
-so Dynamo/Inductor trace them whole.
+semantic reference (used on CPU, and traced by Inductor there); ``"triton"`` runs the fused kernels of
+``tomec.kernels`` (CUDA, or CPU under ``TRITON_INTERPRET=1``); ``"auto"`` picks Triton for CUDA
+tensors. All ops are free of Python loops over tokens, host synchronization and data-dependent
+shapes, so Dynamo/Inductor trace them whole.
 
 Shapes: ``B`` batch, ``N`` tokens in, ``N_out`` tokens out, ``C`` channels, ``H`` heads, ``d`` head
 width, ``N0`` tokens entering the first block.
@@ -13,6 +14,8 @@ width, ``N0`` tokens entering the first block.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Optional
 
 import torch
@@ -20,9 +23,12 @@ from torch import Tensor
 
 from .errors import ConfigError, UnsupportedDtypeError
 
+log = logging.getLogger("tomec")
+
 __all__ = [
     "SUPPORTED_DTYPES",
     "check_dtype",
+    "resolve_impl",
     "key_metric",
     "bipartite_match",
     "merge",
@@ -34,7 +40,8 @@ __all__ = [
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-IMPLS = ("torch",)
+IMPLS = ("torch", "triton", "auto")
+MERGE_MODES = ("mean", "norm_preserving")
 
 
 def check_dtype(dtype: torch.dtype, where: str = "activations") -> None:
@@ -46,9 +53,40 @@ def check_dtype(dtype: torch.dtype, where: str = "activations") -> None:
         )
 
 
-def _check_impl(impl: str) -> None:
+_warned_fallback = False
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """``"torch"`` or ``"triton"`` for tensors on ``device``.
+
+    ``"auto"`` takes Triton for CUDA tensors when the kernels load, else PyTorch (with a one-time
+    warning when CUDA tensors fall back). ``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1``.
+    """
+    global _warned_fallback
     if impl not in IMPLS:
         raise ConfigError(f"impl={impl!r} is not available; choose one of {IMPLS}")
+    if impl == "torch":
+        return impl
+    from tomec import kernels
+
+    reason = kernels.unavailable_reason()
+    if impl == "auto":
+        if device.type != "cuda":
+            return "torch"
+        if reason is None:
+            kernels.load()
+            return "triton"
+        if not _warned_fallback:
+            _warned_fallback = True
+            warnings.warn(f"tomec: using the PyTorch ops on CUDA: {reason}", stacklevel=3)
+            log.warning("tomec: using the PyTorch ops on CUDA: %s", reason)
+        return "torch"
+    if reason is not None:
+        raise ConfigError(f"impl='triton' is not available: {reason}")
+    if device.type == "cpu" and not kernels.interpreting():
+        raise ConfigError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)")
+    kernels.load()
+    return "triton"
 
 
 def key_metric(k: Tensor) -> Tensor:
@@ -56,10 +94,14 @@ def key_metric(k: Tensor) -> Tensor:
     return k.mean(1)
 
 
-def _normalize(metric: Tensor) -> Tensor:
-    # ToMe divides by the norm; the clamp only keeps an all-zero vector from turning into NaN.
-    norm = metric.norm(dim=-1, keepdim=True)
-    return metric / norm.clamp_min(torch.finfo(metric.dtype).tiny)
+def _scoring_dtype(metric: Tensor) -> Tensor:
+    # Scores decide discrete matches: compute them in fp32 at least, whatever the activations.
+    return metric if metric.dtype == torch.float64 else metric.float()
+
+
+def _inv_norm(t: Tensor) -> Tensor:
+    # The clamp only keeps an all-zero vector from turning into NaN.
+    return 1.0 / t.norm(dim=-1).clamp_min(torch.finfo(t.dtype).tiny)
 
 
 def _descending_rank(score: Tensor) -> Tensor:
@@ -91,7 +133,6 @@ def bipartite_match(metric: Tensor, r: int, protected: int = 0, *, impl: str = "
     Returns:
         ``dest``: ``[B, N]`` int64 in ``[0, N - r)``.
     """
-    _check_impl(impl)
     check_dtype(metric.dtype, "the merge metric")
     batch, n, _ = metric.shape
     if not 0 <= protected <= n:
@@ -99,15 +140,17 @@ def bipartite_match(metric: Tensor, r: int, protected: int = 0, *, impl: str = "
     cap = (n - protected) // 2
     if not 0 <= r <= cap:
         raise ConfigError(f"r={r} is outside [0, {cap}] for {n} tokens with {protected} protected")
+    if resolve_impl(impl, metric.device) == "triton":
+        return torch.ops.tomec.tome_match(metric, r, protected)
     device = metric.device
-    metric = _normalize(metric)
-    a, b = metric[:, ::2], metric[:, 1::2]
+    a, b = _scoring_dtype(metric)[:, ::2], _scoring_dtype(metric)[:, 1::2]
     n_a, n_b = a.shape[1], b.shape[1]
     prot_a, prot_b = (protected + 1) // 2, protected // 2
     ia = torch.arange(n_a, device=device)
     ib = torch.arange(n_b, device=device)
 
-    scores = a @ b.transpose(-1, -2)  # [B, n_a, n_b]
+    # cosine scores as (a · b) / ‖a‖ / ‖b‖, the formula the Triton kernel uses too
+    scores = (a @ b.transpose(-1, -2)) * _inv_norm(a).unsqueeze(-1) * _inv_norm(b).unsqueeze(-2)
     blocked = (ia < prot_a).view(n_a, 1) | (ib < prot_b).view(1, n_b)
     scores = scores.masked_fill(blocked, float("-inf"))
     best, partner = scores.max(dim=-1)  # [B, n_a]; torch.max returns the first maximal index
@@ -135,6 +178,7 @@ def merge(
     w: Optional[Tensor] = None,
     *,
     n_dropped: int = 0,
+    mode: str = "mean",
     impl: str = "torch",
 ) -> tuple[Tensor, Tensor]:
     """Apply a destination map: each output token is the weighted mean of its members.
@@ -148,12 +192,15 @@ def merge(
         n_out: number of output tokens.
         w: ``[B, N, 1]`` merge weights; ``None`` means ``size`` (the size-weighted mean).
         n_dropped: tokens per image with ``dest == -1``.
+        mode: ``"mean"``, or ``"norm_preserving"`` (ToFu's MLERP: the mean's direction rescaled
+            to the largest norm among the members).
 
     Returns:
         ``x_out [B, n_out, C]`` (weighted means), ``size_out [B, n_out, 1]`` (sums of member sizes).
     """
-    _check_impl(impl)
     check_dtype(x.dtype, "merged tokens")
+    if mode not in MERGE_MODES:
+        raise ConfigError(f"merge mode={mode!r}; choose one of {MERGE_MODES}")
     batch, n, channels = x.shape
     n_extra = n - n_out - n_dropped
     if n_out < 1 or n_extra < 0:
@@ -161,6 +208,8 @@ def merge(
             f"cannot merge {n} tokens into {n_out} slots with {n_dropped} dropped "
             f"(needs 1 <= n_out <= N - n_dropped)"
         )
+    if resolve_impl(impl, x.device) == "triton":
+        return torch.ops.tomec.merge(x, size, dest, n_out, w, MERGE_MODES.index(mode))
     if size is None:
         size = x.new_ones(batch, n, 1)
     if w is None:
@@ -184,9 +233,17 @@ def merge(
     out = parts.gather(1, first.unsqueeze(-1).expand(batch, n_out, channels + 2))
     if n_extra:
         extra_parts = parts.gather(1, extra.unsqueeze(-1).expand(batch, n_extra, channels + 2))
-        onto = (dest.gather(1, extra).unsqueeze(1) == slots.view(1, n_out, 1)).to(x.dtype)
-        out = out + onto @ extra_parts  # [B, n_out, n_extra] @ [B, n_extra, C + 2]
+        onto = dest.gather(1, extra).unsqueeze(1) == slots.view(1, n_out, 1)  # [B, n_out, n_extra]
+        out = out + onto.to(x.dtype) @ extra_parts  # [B, n_extra, C + 2]
     x_out = out[..., :channels] / out[..., channels : channels + 1]
+    if mode == "norm_preserving":
+        norms = x.norm(dim=-1)  # [B, N]
+        largest = norms.gather(1, first)
+        if n_extra:
+            extra_norms = torch.where(onto, norms.gather(1, extra).unsqueeze(1), 0.0)
+            largest = torch.maximum(largest, extra_norms.amax(-1))
+        scale = largest / x_out.norm(dim=-1).clamp_min(torch.finfo(x.dtype).tiny)
+        x_out = x_out * scale.unsqueeze(-1)
     return x_out, out[..., channels + 1 :]
 
 
@@ -195,9 +252,10 @@ def compose_source(source: Optional[Tensor], dest: Tensor, *, impl: str = "torch
 
     ``source=None`` means the identity (the first merge); ``-1`` (dropped) stays ``-1``.
     """
-    _check_impl(impl)
     if source is None:
         return dest
+    if resolve_impl(impl, dest.device) == "triton":
+        return torch.ops.tomec.compose_source(source, dest)
     return torch.where(source >= 0, dest.gather(1, source.clamp_min(0)), -1)
 
 

@@ -1,0 +1,156 @@
+"""Triton kernels against the plain-PyTorch ops, under TRITON_INTERPRET=1 (their own process).
+
+``make test`` runs this folder separately with the variable set before Triton is imported. Outputs are
+poisoned before each launch and checked as fully written. Matching inputs are small integers, so
+every score is exact in both implementations and ties are plentiful: the maps must be equal. Merge
+results follow DESIGN.md's rule: against fp64, the kernel's error is at most twice the error of the
+PyTorch op in the same dtype, plus a small floor.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("kernel tests need TRITON_INTERPRET=1 (run by `make test`)", allow_module_level=True)
+
+from tomec.kernels.match import launch_tome_match  # noqa: E402
+from tomec.kernels.merge import MODES, launch_compose_source, launch_merge  # noqa: E402
+from tests.helpers import random_map  # noqa: E402
+from tomec import ops  # noqa: E402
+
+# (N, d, protected): odd and even N from 5 to 600, d in {32, 64, 80}, 0-5 protected tokens
+MATCH_SHAPES = [
+    (5, 32, 0), (6, 64, 1), (9, 80, 2), (16, 32, 5), (17, 64, 1), (33, 80, 0),
+    (64, 32, 2), (101, 64, 1), (197, 80, 1), (198, 32, 5), (257, 64, 2), (600, 64, 1),
+]
+FLOOR = {torch.float32: 1e-6, torch.float16: 2e-3}
+
+
+def integer_metric(batch, n, d, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-3, 4, (batch, n, d), generator=g).to(dtype)
+
+
+def match_rs(n, protected):
+    cap = (n - protected) // 2
+    return sorted({0, 1, cap // 2, cap})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,d,protected", MATCH_SHAPES)
+def test_match_kernel_equals_torch(n, d, protected, dtype):
+    batch = 2
+    metric = integer_metric(batch, n, d, dtype, seed=n + d)
+    for r in match_rs(n, protected):
+        dest = torch.full((batch, n), -7, dtype=torch.int64)  # poison
+        launch_tome_match(metric, r, protected, dest)
+        assert (dest != -7).all(), "kernel left entries unwritten"
+        assert torch.equal(dest, ops.bipartite_match(metric, r, protected)), f"r={r}"
+
+
+@pytest.mark.parametrize("n,protected", [(17, 1), (64, 0), (197, 1)])
+def test_match_kernel_random_float_inputs(n, protected):
+    metric = torch.randn(2, n, 64, generator=torch.Generator().manual_seed(n))
+    for r in match_rs(n, protected):
+        dest = torch.full((2, n), -7, dtype=torch.int64)
+        launch_tome_match(metric, r, protected, dest)
+        assert torch.equal(dest, ops.bipartite_match(metric, r, protected))
+
+
+def test_match_kernel_all_tied():
+    metric = torch.ones(3, 21, 32)
+    for protected in (0, 1, 3):
+        for r in match_rs(21, protected):
+            dest = torch.full((3, 21), -7, dtype=torch.int64)
+            launch_tome_match(metric, r, protected, dest)
+            assert torch.equal(dest, ops.bipartite_match(metric, r, protected))
+
+
+def test_match_kernel_strided_input():
+    base = integer_metric(2, 40, 96, torch.float32, seed=3)
+    metric = base[..., 16:80]  # a view with row stride 96
+    dest = torch.empty(2, 40, dtype=torch.int64)
+    launch_tome_match(metric, 12, 1, dest)
+    assert torch.equal(dest, ops.bipartite_match(metric.contiguous(), 12, 1))
+
+
+def check_rule(fast, plain, exact):
+    """DESIGN.md's tolerance rule against the fp64 result."""
+    err_fast = (fast.double() - exact).abs().max().item()
+    err_plain = (plain.double() - exact).abs().max().item()
+    floor = FLOOR[fast.dtype] * max(exact.abs().max().item(), 1.0)
+    assert err_fast <= 2 * err_plain + floor, (err_fast, err_plain, floor)
+
+
+# (N, n_out, dropped, C): maps from plain merges to heavy ones, with and without drops
+MERGE_SHAPES = [
+    (5, 3, 0, 64), (6, 6, 0, 384), (17, 9, 0, 768), (33, 20, 4, 64), (64, 32, 0, 384),
+    (101, 60, 10, 64), (197, 150, 0, 384), (198, 99, 0, 768), (257, 200, 20, 64), (600, 400, 0, 64),
+]
+
+
+MERGE_CASES = [
+    (*shape, dtype, mode)
+    for shape in MERGE_SHAPES
+    for dtype in (torch.float32, torch.float16)
+    for mode in ("mean", "norm_preserving")
+    if mode == "mean" or shape[0] < 400  # the norm epilogue needs no 600-token case
+]
+
+
+@pytest.mark.parametrize("n,n_out,n_dropped,channels,dtype,mode", MERGE_CASES)
+def test_merge_kernel_follows_the_rule(n, n_out, n_dropped, channels, dtype, mode):
+    g = torch.Generator().manual_seed(n + channels)
+    x64 = torch.randn(2, n, channels, dtype=torch.float64, generator=g)
+    size64 = torch.randint(1, 6, (2, n, 1), generator=g).to(torch.float64)
+    w64 = torch.rand(2, n, 1, dtype=torch.float64, generator=g) + 0.5
+    dest = random_map(2, n, n_out, n_dropped, seed=n)
+    for with_size, with_w in ((False, False), (True, False), (True, True)):
+        size = size64.to(dtype) if with_size else None
+        w = w64.to(dtype) if with_w else None
+        out = torch.full((2, n_out, channels), float("nan"), dtype=dtype)  # poison
+        size_out = torch.full((2, n_out, 1), float("nan"), dtype=dtype)
+        launch_merge(x64.to(dtype), size, dest, w, out, size_out, MODES[mode])
+        assert torch.isfinite(out).all() and torch.isfinite(size_out).all(), "unwritten outputs"
+        exact, size_exact = ops.merge(
+            x64, size64 if with_size else None, dest, n_out, w64 if with_w else None,
+            n_dropped=n_dropped, mode=mode,
+        )
+        plain, _ = ops.merge(x64.to(dtype), size, dest, n_out, w, n_dropped=n_dropped, mode=mode)
+        check_rule(out, plain, exact)
+        assert torch.equal(size_out.double(), size_exact)
+
+
+def test_merge_kernel_is_deterministic():
+    x = torch.randn(2, 197, 64)
+    dest = ops.bipartite_match(torch.randn(2, 197, 32), 60, 1)
+    runs = []
+    for _ in range(2):
+        out, size = torch.empty(2, 137, 64), torch.empty(2, 137, 1)
+        launch_merge(x, None, dest, None, out, size)
+        runs.append((out, size))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_compose_source_kernel():
+    source = random_map(3, 120, 50, 6, seed=1)  # an earlier map with drops: N0=120 -> 50 tokens
+    dest = random_map(3, 50, 20, 0, seed=2)
+    out = torch.full_like(source, -7)
+    launch_compose_source(source, dest, out)
+    assert torch.equal(out, ops.compose_source(source, dest))
+
+
+def test_ops_dispatch_to_the_kernels():
+    metric, x = integer_metric(2, 50, 32, torch.float32, 0), torch.randn(2, 50, 64)
+    dest = ops.bipartite_match(metric, 20, 1, impl="triton")
+    assert torch.equal(dest, ops.bipartite_match(metric, 20, 1))
+    out, size = ops.merge(x, None, dest, 30, impl="triton")
+    ref, ref_size = ops.merge(x, None, dest, 30)
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(size, ref_size)
+    # "auto" on CPU tensors stays with PyTorch, even where the interpreter could run Triton
+    assert ops.resolve_impl("auto", x.device) == "torch"
