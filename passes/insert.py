@@ -9,6 +9,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch.fx import GraphModule, Node
 
 from tomec import ops
@@ -34,9 +35,12 @@ class Inserted:
     lines: list[str] = field(default_factory=list)
 
 
+_ATTENTION = {"manual": ops.attention, "extra_dim": ops.attention_extra_dim, "flex": ops.attention_flex}
+
+
 def _impl_for(device_type: str) -> str:
-    # The Triton kernels arrive with the CUDA path; until then every device takes the torch ops.
-    return "torch"
+    """Triton kernels for CUDA graphs (when they load), plain PyTorch for Inductor on CPU."""
+    return ops.resolve_impl("auto", torch.device(device_type))
 
 
 def _prop_attn_impl(config: TomecConfig, device_type: str) -> str:
@@ -57,12 +61,14 @@ def _add_bias(gm: GraphModule, block: AttentionBlock, bias: Node, impl: str) -> 
     scale = gu.arg(sdpa, 6, "scale")
     if gu.arg(sdpa, 4, "dropout_p", 0.0) != 0.0 or gu.arg(sdpa, 7, "enable_gqa", False):
         impl = "mask"  # the explicit chain here has neither dropout nor grouped-query heads
+    if mask is not None and impl in ("extra_dim", "flex"):
+        impl = "manual"  # an existing mask has no place in those forms
     with graph.inserting_before(sdpa):
         if mask is not None:
             bias = graph.call_function(ops.combine_masks, (mask, bias))
-        if impl == "manual":
-            attn = graph.call_function(ops.attention, (block.q, block.k, block.v, bias, scale))
-    if impl == "manual":
+        if impl != "mask":
+            attn = graph.call_function(_ATTENTION[impl], (block.q, block.k, block.v, bias, scale))
+    if impl != "mask":
         attn.meta.update({k: v for k, v in sdpa.meta.items() if k != "val"})
         sdpa.replace_all_uses_with(attn)
         graph.erase_node(sdpa)

@@ -200,3 +200,8 @@ def test_average_pooling_becomes_size_weighted(name, kwargs, side, protected):
     assert be.protected == protected
     assert relative_error(out, expect) <= TOLERANCE
     assert "size-weighted mean" in be.report()
+
+
+@pytest.mark.parametrize("impl", ["mask", "manual", "extra_dim", "flex"])
+def test_proportional_attention_implementations_agree(impl):
+    check_parity("test_vit", True, 4, True, compiler="eager", prop_attn_impl=impl)

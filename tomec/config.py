@@ -12,9 +12,11 @@ from .errors import ConfigError
 __all__ = ["TomecConfig", "COMPILERS", "PROP_ATTN_IMPLS"]
 
 COMPILERS = ("inductor", "eager")
-# "auto": the explicit softmax chain on CPU (faster there at merged token counts), SDPA's float mask
-# elsewhere; "mask": SDPA with attn_mask=log(size); "manual": softmax(q kᵀ·scale + log size) v.
-PROP_ATTN_IMPLS = ("auto", "mask", "manual")
+# How SDPA calls get the log(size) bias: "mask" (SDPA attn_mask), "manual" (the explicit chain
+# softmax(q kᵀ·scale + log size) v), "extra_dim" (log size as an extra head dimension, no mask, so
+# flash kernels apply), "flex" (FlexAttention score_mod). "auto": "manual" on CPU (faster there at
+# merged token counts), "mask" on CUDA until bench/attention.py has ranked the three on a GPU.
+PROP_ATTN_IMPLS = ("auto", "mask", "manual", "extra_dim", "flex")
 
 
 @dataclass(frozen=True)

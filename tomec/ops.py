@@ -36,6 +36,8 @@ __all__ = [
     "log_size_bias",
     "combine_masks",
     "attention",
+    "attention_extra_dim",
+    "attention_flex",
     "size_weighted_mean",
 ]
 
@@ -284,6 +286,43 @@ def attention(
     if bias is not None:
         logits = logits + bias
     return logits.softmax(dim=-1) @ v
+
+
+def attention_extra_dim(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: Optional[float] = None
+) -> Tensor:
+    """SDPA without a mask: ``log(size)`` rides in an extra head dimension so flash kernels apply.
+
+    q gets a column of ``1/scale``, k the bias, both (and v) zero-padded to a multiple of 8:
+    ``(q'·k')·scale = q·k·scale + log size``. ``bias``: ``[B, 1, 1, N]``; tensors ``[B, H, N, d]``.
+    """
+    import torch.nn.functional as F
+
+    d = q.shape[-1]
+    if scale is None:
+        scale = d**-0.5
+    pad = -(d + 1) % 8
+    batch, heads, n, _ = k.shape
+    q2 = torch.cat([q, torch.full_like(q[..., :1], 1.0 / scale), q.new_zeros(*q.shape[:-1], pad)], -1)
+    column = bias.reshape(batch, 1, n, 1).expand(batch, heads, n, 1).to(k.dtype)
+    k2 = torch.cat([k, column, k.new_zeros(batch, heads, n, pad)], -1)
+    v2 = torch.cat([v, v.new_zeros(*v.shape[:-1], 1 + pad)], -1)
+    return F.scaled_dot_product_attention(q2, k2, v2, scale=scale)[..., :d]
+
+
+def attention_flex(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: Optional[float] = None
+) -> Tensor:
+    """FlexAttention with ``log(size)`` as a ``score_mod`` (compiled into one fused kernel by
+    Inductor). ``bias``: ``[B, 1, 1, N]``; tensors ``[B, H, N, d]``."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    log_size = bias.reshape(bias.shape[0], bias.shape[-1])
+
+    def add_log_size(score, b, h, q_idx, kv_idx):
+        return score + log_size[b, kv_idx]
+
+    return flex_attention(q, k, v, score_mod=add_log_size, scale=scale)
 
 
 def size_weighted_mean(x: Tensor, size: Tensor) -> Tensor:

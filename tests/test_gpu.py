@@ -1,0 +1,90 @@
+"""GPU tests: kernel parity in fp32/fp16/bf16, model parity, CUDA graphs. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tomec
+from tests.helpers import compile_tomec, images, make_model, random_map, reference_of, relative_error
+from tomec import kernels, ops, reference
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or kernels.unavailable_reason() is not None,
+    reason="needs a CUDA GPU and Triton",
+)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,protected", [(197, 64, 1), (198, 80, 5), (577, 64, 1), (1025, 64, 1)])
+def test_match_kernel_gpu(n, d, protected, dtype):
+    g = torch.Generator().manual_seed(n)
+    metric = torch.randint(-3, 4, (8, n, d), generator=g).to("cuda", dtype)  # exact scores, ties
+    for r in (0, 1, (n - protected) // 4, (n - protected) // 2):
+        fast = ops.bipartite_match(metric, r, protected, impl="triton")
+        assert torch.equal(fast, ops.bipartite_match(metric, r, protected, impl="torch"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["mean", "norm_preserving"])
+@pytest.mark.parametrize("n,n_out,n_dropped,channels", [(197, 150, 0, 384), (577, 300, 30, 768), (1025, 512, 0, 1024)])
+def test_merge_kernel_gpu(n, n_out, n_dropped, channels, dtype, mode):
+    x64 = torch.randn(8, n, channels, dtype=torch.float64, device="cuda")
+    size64 = torch.randint(1, 6, (8, n, 1), device="cuda").double()
+    dest = random_map(8, n, n_out, n_dropped, seed=n).cuda()
+    exact, size_exact = ops.merge(x64, size64, dest, n_out, n_dropped=n_dropped, mode=mode)
+    plain, _ = ops.merge(x64.to(dtype), size64.to(dtype), dest, n_out, n_dropped=n_dropped, mode=mode)
+    fast, size_fast = ops.merge(x64.to(dtype), size64.to(dtype), dest, n_out, mode=mode, impl="triton")
+    err_fast = (fast.double() - exact).abs().max().item()
+    err_plain = (plain.double() - exact).abs().max().item()
+    assert err_fast <= 2 * err_plain + FLOOR[dtype] * exact.abs().max().item()
+    assert torch.equal(size_fast.double(), size_exact)
+    again, _ = ops.merge(x64.to(dtype), size64.to(dtype), dest, n_out, mode=mode, impl="triton")
+    assert torch.equal(fast, again)  # deterministic
+
+
+@pytest.mark.parametrize("name", ["test_vit", "deit_tiny_patch16_224"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_model_parity_gpu_fp32(name, fused):
+    model = make_model(name, fused).cuda()
+    x = images(name, 4).cuda()
+    r = 40 if name == "test_vit" else 80
+    compiled, be = compile_tomec(model, r=r)
+    ref = reference_of(model, method="tome", r=r)
+    with torch.no_grad():
+        out, expect = compiled(x), ref(x)
+    assert be.schedule == reference.state(ref).schedule
+    assert relative_error(out, expect) <= 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_model_low_precision_follows_the_rule(dtype):
+    model = make_model("deit_tiny_patch16_224").cuda()
+    x = images("deit_tiny_patch16_224", 8).cuda()
+    ref32 = reference_of(model, method="tome", r=80)
+    ref_low = reference_of(model, method="tome", r=80).to(dtype)
+    compiled, _ = compile_tomec(model.to(dtype), r=80)
+    with torch.no_grad():
+        exact = ref32(x).double()
+        plain = ref_low(x.to(dtype)).double()
+        fast = compiled(x.to(dtype)).double()
+    err_fast, err_plain = (fast - exact).abs().max(), (plain - exact).abs().max()
+    assert err_fast <= 2 * err_plain + FLOOR[dtype] * exact.abs().max()
+
+
+def test_reduce_overhead_captures_the_whole_model():
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model = make_model("deit_tiny_patch16_224").cuda().half()
+    x = images("deit_tiny_patch16_224", 16).cuda().half()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=tomec.backend(r=80), mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        outs = [compiled(x).clone() for _ in range(4)]
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])

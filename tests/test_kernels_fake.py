@@ -1,0 +1,117 @@
+"""The Triton ops' fake functions on fake CUDA tensors, and which ops the pass inserts per device.
+
+No GPU needed: FakeTensorMode creates ``device="cuda"`` tensors on any machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+import tomec
+from tests.helpers import images, make_model
+from tests.test_passes import trace
+from tomec import kernels, ops
+from tomec.config import TomecConfig
+from tomec.passes import rewrite
+
+pytestmark = pytest.mark.skipif(kernels.unavailable_reason() is not None, reason="no Triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fake_functions_on_cuda(dtype):
+    kernels.load()
+    with FakeTensorMode():
+        metric = torch.empty(4, 197, 64, device="cuda", dtype=dtype)
+        dest = torch.ops.tomec.tome_match(metric, 20, 1)
+        assert (dest.shape, dest.dtype, dest.device.type) == ((4, 197), torch.int64, "cuda")
+        x = torch.empty(4, 197, 384, device="cuda", dtype=dtype)
+        size = torch.empty(4, 197, 1, device="cuda", dtype=dtype)
+        for mode in (0, 1):
+            out, size_out = torch.ops.tomec.merge(x, size, dest, 177, None, mode)
+            assert (out.shape, out.dtype, out.device.type) == ((4, 177, 384), dtype, "cuda")
+            assert (size_out.shape, size_out.dtype) == ((4, 177, 1), dtype)
+        source = torch.ops.tomec.compose_source(dest, dest)
+        assert (source.shape, source.dtype) == ((4, 197), torch.int64)
+        # and through the op layer, as the passes call it
+        assert ops.bipartite_match(metric, 20, 1, impl="triton").shape == (4, 197)
+        assert ops.merge(x, None, dest, 177, impl="auto")[0].shape == (4, 177, 384)
+
+
+def _to_fake_cuda(gm, inputs):
+    """Re-type a CPU Dynamo graph as a CUDA one: fake CUDA placeholders, metadata re-propagated."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = []
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), inputs):
+        with mode:
+            fake = torch.empty(value.shape, dtype=value.dtype, device="cuda")
+        if isinstance(value, torch.nn.Parameter):
+            fake = torch.nn.Parameter(fake, requires_grad=False)
+        node.meta["example_value"] = fake
+        fakes.append(fake)
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+    for node in gm.graph.nodes:
+        if "val" in node.meta:
+            node.meta["example_value"] = node.meta.pop("val")
+    return fakes, mode
+
+
+def _inserted(gm):
+    names = {"_tome_match": "match", "merge": "merge", "compose_source": "source"}
+    return {
+        names[n.target.__name__]: n.kwargs.get("impl")
+        for n in gm.graph.nodes
+        if n.op == "call_function" and getattr(n.target, "__name__", "") in names
+    }
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_pass_inserts_triton_ops_on_cuda_and_torch_ops_on_cpu(device):
+    gm, inputs = trace(make_model("test_vit"), images("test_vit", 2))
+    config = TomecConfig(r=30, trace_source=True, compiler="eager")
+    if device == "cuda":
+        inputs, mode = _to_fake_cuda(gm, inputs)
+    result = rewrite(gm, inputs, config)
+    impl = "triton" if device == "cuda" else "torch"
+    assert _inserted(result.gm) == {"match": impl, "merge": impl, "source": impl}
+    # what Inductor would receive: the ATen-level graph holds the tomec Triton ops only on CUDA
+    if device == "cuda":
+        with mode:
+            aten = make_fx(result.gm)(*inputs)
+    else:
+        aten = make_fx(result.gm)(*inputs)
+    targets = {str(n.target) for n in aten.graph.nodes if n.op == "call_function"}
+    tomec_ops = {t for t in targets if "tomec" in t or "triton_kernel_wrapper" in t}
+    if device == "cuda":
+        assert {"tomec.tome_match.default", "tomec.merge.default"} <= tomec_ops
+    else:
+        assert tomec_ops == set()
+    # proportional attention on CUDA keeps SDPA with the log(size) mask ("auto" -> "mask")
+    sdpa = [n for n in result.gm.graph.nodes if "scaled_dot_product" in str(n.target)]
+    if device == "cuda":
+        assert len(sdpa) == 6 and sum(n.kwargs.get("attn_mask") is not None for n in sdpa) == 5
+    else:
+        assert len(sdpa) == 1  # the five merged layers use the explicit chain on CPU
+
+
+def test_auto_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(ops, "_warned_fallback", False)
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda: "Triton cannot be imported (test)")
+    with pytest.warns(UserWarning, match="Triton cannot be imported"):
+        assert ops.resolve_impl("auto", torch.device("cuda")) == "torch"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ops.resolve_impl("auto", torch.device("cuda")) == "torch"  # no second warning
+    with pytest.raises(tomec.ConfigError, match="not available"):
+        ops.resolve_impl("triton", torch.device("cuda"))
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(tomec.ConfigError, match="TRITON_INTERPRET=1"):
+        ops.bipartite_match(torch.randn(1, 9, 8), 2, 1, impl="triton")
