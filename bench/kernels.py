@@ -34,14 +34,14 @@ R = 13
 
 def step_fn(impl: str, r: int, protected: int) -> Callable:
     def step(k: torch.Tensor, x: torch.Tensor):
-        dest = ops.bipartite_match(ops.key_metric(k), r, protected, impl=impl)
+        dest = ops.bipartite_match(k, r, protected, impl=impl)
         return ops.merge(x, None, dest, x.shape[1] - r, impl=impl)
 
     return step
 
 
 def match_fn(impl: str, r: int, protected: int) -> Callable:
-    return lambda k, x: ops.bipartite_match(ops.key_metric(k), r, protected, impl=impl)
+    return lambda k, x: ops.bipartite_match(k, r, protected, impl=impl)
 
 
 def merge_fn(impl: str, dest: torch.Tensor, r: int) -> Callable:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         n, width, heads = MODELS[model]
         k = torch.randn(batch, heads, n, width // heads, device=device, dtype=dtype)
         x = torch.randn(batch, n, width, device=device, dtype=dtype)
-        dest = ops.bipartite_match(ops.key_metric(k), R, 1)
+        dest = ops.bipartite_match(k, R, 1)
         moved = (k.numel() + x.numel() + batch * (n - R) * (width + 1)) * x.element_size()
         for kernel, make in (
             ("step", lambda impl: step_fn(impl, R, 1)),

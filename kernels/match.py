@@ -1,11 +1,14 @@
-"""ToMe's bipartite matching as one Triton launch per layer: metric in, destination map out.
+"""ToMe's bipartite matching as one Triton launch per layer: keys in, destination map out.
 
-One program per image. Phase 1 streams the B tokens (odd positions) tile by tile past each tile of
+One program per image. Phase 0 sums the keys over heads (``[B, H, N, d]``; ``H = 1`` for a ready
+metric) into an fp32 scratch row per token with its inverse norm: the cosine is scale-invariant, so
+the sum stands for ToMe's head mean. Phase 1 streams the B tokens (odd positions) tile by tile past each tile of
 A tokens (even positions) and keeps the running best cosine score and its partner: the
 ``⌈N/2⌉ × ⌊N/2⌋`` score matrix never reaches memory. Phase 2 ranks the A tokens by best score
 (pairwise counting: descending, ties to the lower index, exactly the order of a stable sort), picks
 the top ``r`` as sources and writes every token's output slot in ToMe's order. Scores are computed
-as ``(a · b) · (1/‖a‖) · (1/‖b‖)`` in fp32, the same formula as the plain-PyTorch op.
+as ``(a · b) · (1/‖a‖) · (1/‖b‖)`` in fp32 (IEEE, no TF32: the matches are discrete decisions),
+the same formula as the plain-PyTorch op.
 """
 
 from __future__ import annotations
@@ -20,20 +23,23 @@ TINY = 1.1754943508222875e-38  # smallest normal fp32: keeps an all-zero metric 
 
 @triton.jit
 def _tome_match_kernel(
-    metric_ptr,
+    keys_ptr,
     dest_ptr,
+    metric_ptr,
+    inv_ptr,
     best_ptr,
     partner_ptr,
     N,
+    H,
     D,
     r,
     protected,
-    stride_mb,
-    stride_mn,
-    stride_md,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
     stride_db,
     stride_dn,
-    IEEE: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -45,37 +51,42 @@ def _tome_match_kernel(
     prot_b = protected // 2
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    metric = metric_ptr + img * stride_mb
+    keys = keys_ptr + img * stride_kb
+    metric = metric_ptr + img * N * BLOCK_D
+    inv = inv_ptr + img * N
     best_row = best_ptr + img * n_a
     partner_row = partner_ptr + img * n_a
+
+    # Phase 0: metric = keys summed over heads (fp32), and 1/‖metric‖, one row per token.
+    for t0 in range(0, N, BLOCK_A):
+        t = t0 + tl.arange(0, BLOCK_A)
+        tmask = t < N
+        acc = tl.zeros([BLOCK_A, BLOCK_D], tl.float32)
+        for h in range(0, H):
+            acc += tl.load(
+                keys + h * stride_kh + t[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=tmask[:, None] & dmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+        tl.store(metric + t[:, None] * BLOCK_D + offs_d[None, :], acc, mask=tmask[:, None])
+        tl.store(inv + t, 1.0 / tl.maximum(tl.sqrt(tl.sum(acc * acc, axis=1)), TINY), mask=tmask)
+
+    tl.debug_barrier()
 
     # Phase 1: best partner of every A token, streaming over B tiles.
     for a0 in range(0, n_a, BLOCK_A):
         ia = a0 + tl.arange(0, BLOCK_A)
         amask = ia < n_a
-        a = tl.load(
-            metric + (2 * ia)[:, None] * stride_mn + offs_d[None, :] * stride_md,
-            mask=amask[:, None] & dmask[None, :],
-            other=0.0,
-        )
-        af = a.to(tl.float32)
-        inv_a = 1.0 / tl.maximum(tl.sqrt(tl.sum(af * af, axis=1)), TINY)
+        a = tl.load(metric + (2 * ia)[:, None] * BLOCK_D + offs_d[None, :], mask=amask[:, None], other=0.0)
+        inv_a = tl.load(inv + 2 * ia, mask=amask, other=0.0)
         best = tl.full([BLOCK_A], float("-inf"), tl.float32)
         partner = tl.zeros([BLOCK_A], tl.int32)
         for b0 in range(0, n_b, BLOCK_B):
             jb = b0 + tl.arange(0, BLOCK_B)
             bmask = jb < n_b
-            bt = tl.load(
-                metric + (2 * jb + 1)[:, None] * stride_mn + offs_d[None, :] * stride_md,
-                mask=bmask[:, None] & dmask[None, :],
-                other=0.0,
-            )
-            bf = bt.to(tl.float32)
-            inv_b = 1.0 / tl.maximum(tl.sqrt(tl.sum(bf * bf, axis=1)), TINY)
-            if IEEE:
-                dots = tl.dot(af, tl.trans(bf), input_precision="ieee")
-            else:
-                dots = tl.dot(a, tl.trans(bt), out_dtype=tl.float32)
+            bt = tl.load(metric + (2 * jb + 1)[:, None] * BLOCK_D + offs_d[None, :], mask=bmask[:, None], other=0.0)
+            inv_b = tl.load(inv + 2 * jb + 1, mask=bmask, other=0.0)
+            dots = tl.dot(a, tl.trans(bt), input_precision="ieee")
             scores = dots * inv_a[:, None] * inv_b[None, :]
             allowed = (ia >= prot_a)[:, None] & (jb >= prot_b)[None, :] & bmask[None, :]
             scores = tl.where(allowed, scores, float("-inf"))
@@ -122,33 +133,38 @@ def _tome_match_kernel(
         tl.store(dest + (2 * jb + 1) * stride_dn, slot.to(tl.int64), mask=jb < n_b)
 
 
-def launch_tome_match(metric: torch.Tensor, r: int, protected: int, dest: torch.Tensor) -> None:
-    """Fill ``dest [B, N]`` (int64) with ToMe's destination map for ``metric [B, N, d]``."""
-    batch, n, d = metric.shape
+def launch_tome_match(keys: torch.Tensor, r: int, protected: int, dest: torch.Tensor) -> None:
+    """Fill ``dest [B, N]`` (int64) with ToMe's destination map.
+
+    ``keys``: ``[B, H, N, d]`` (summed over heads here) or a metric ``[B, N, d]``.
+    """
+    if keys.dim() == 3:
+        keys = keys.unsqueeze(1)
+    batch, heads, n, d = keys.shape
     n_a = (n + 1) // 2
-    best = torch.empty(batch, n_a, device=metric.device, dtype=torch.float32)
-    partner = torch.empty(batch, n_a, device=metric.device, dtype=torch.int32)
     block_d = max(16, triton.next_power_of_2(d))
+    metric = torch.empty(batch, n, block_d, device=keys.device, dtype=torch.float32)
+    inv = torch.empty(batch, n, device=keys.device, dtype=torch.float32)
+    best = torch.empty(batch, n_a, device=keys.device, dtype=torch.float32)
+    partner = torch.empty(batch, n_a, device=keys.device, dtype=torch.int32)
     wrap_triton(_tome_match_kernel)[(batch,)](
-        metric, dest, best, partner,
-        n, d, r, protected,
-        metric.stride(0), metric.stride(1), metric.stride(2),
+        keys, dest, metric, inv, best, partner,
+        n, heads, d, r, protected,
+        keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
         dest.stride(0), dest.stride(1),
-        IEEE=metric.dtype == torch.float32 or metric.dtype == torch.float64,
         BLOCK_A=32, BLOCK_B=32, BLOCK_D=block_d,
     )
 
 
 @triton_op("tomec::tome_match", mutates_args=())
-def tome_match(metric: torch.Tensor, r: int, protected: int) -> torch.Tensor:
-    """``[B, N, d] -> dest [B, N]`` int64: ToMe's bipartite matching (see :mod:`tomec.ops`)."""
-    batch, n, _ = metric.shape
-    dest = torch.empty(batch, n, device=metric.device, dtype=torch.int64)
-    launch_tome_match(metric, r, protected, dest)
+def tome_match(keys: torch.Tensor, r: int, protected: int) -> torch.Tensor:
+    """``[B, H, N, d]`` keys (or a ``[B, N, d]`` metric) ``-> dest [B, N]`` int64: ToMe's bipartite
+    matching (see :func:`tomec.ops.bipartite_match`)."""
+    dest = torch.empty(keys.shape[0], keys.shape[-2], device=keys.device, dtype=torch.int64)
+    launch_tome_match(keys, r, protected, dest)
     return dest
 
 
 @tome_match.register_fake
-def _(metric: torch.Tensor, r: int, protected: int) -> torch.Tensor:
-    batch, n, _ = metric.shape
-    return metric.new_empty(batch, n, dtype=torch.int64)
+def _(keys: torch.Tensor, r: int, protected: int) -> torch.Tensor:
+    return keys.new_empty(keys.shape[0], keys.shape[-2], dtype=torch.int64)

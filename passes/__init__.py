@@ -72,23 +72,13 @@ def _device_type(block: AttentionBlock) -> str:
     return value.device.type
 
 
-def _downstream(node: Node) -> set:
-    seen, todo = set(), [node]
-    while todo:
-        for u in todo.pop().users:
-            if u not in seen:
-                seen.add(u)
-                todo.append(u)
-    return seen
-
-
 def _refuse_unmerged_attention(
     skipped: list[Skipped], inserted: Inserted, config: TomecConfig, report: PassReport
 ) -> None:
     """An attention that is not a block but sees merged tokens would miss log(size): refuse it."""
     if inserted.size is None or not config.prop_attn:
         return
-    later = _downstream(inserted.first_merge)
+    later = gu.descendants(inserted.first_merge)
     for s in skipped:
         if s.node in later:
             msg = (

@@ -149,6 +149,18 @@ def ancestors(node: Node, stop: Optional[set] = None, limit: int = 10_000) -> se
     return seen
 
 
+def descendants(node: Node) -> set:
+    """Nodes that depend on ``node``."""
+    seen: set = set()
+    todo = [node]
+    while todo:
+        for u in todo.pop().users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
 def describe(node: Node) -> str:
     target = node.target if isinstance(node.target, str) else getattr(
         node.target, "__name__", str(node.target)

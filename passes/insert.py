@@ -107,10 +107,9 @@ def insert_merges(gm: GraphModule, plan: Plan, config: TomecConfig, device_type:
             continue
         residual = block.residual
         with graph.inserting_before(residual.next):
-            metric = graph.call_function(ops.key_metric, (block.k,))
             dest = graph.call_function(
                 method.match,
-                (metric, r, plan.protected),
+                (block.k, r, plan.protected),
                 {"layer": block.index, "num_layers": num_layers, "impl": impl,
                  **config.method_options},
             )
@@ -123,7 +122,7 @@ def insert_merges(gm: GraphModule, plan: Plan, config: TomecConfig, device_type:
                 state.source = graph.call_function(
                     ops.compose_source, (state.source, dest), {"impl": impl}
                 )
-        inserted = {metric, dest, merged, x_out, size}
+        inserted = {dest, merged, x_out, size}
         residual.replace_all_uses_with(x_out, delete_user_cb=lambda u: u not in inserted)
         state.size, bias = size, None
         if state.first_merge is None:

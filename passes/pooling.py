@@ -54,7 +54,7 @@ def weight_token_means(gm: GraphModule, last_merge: Node, size: Node, num_tokens
     merging), used to recognize the token stream.
     """
     graph = gm.graph
-    downstream = _descendants(last_merge)
+    downstream = gu.descendants(last_merge)
     replaced = []
     for node in list(graph.nodes):
         if node not in downstream:
@@ -81,13 +81,3 @@ def weight_token_means(gm: GraphModule, last_merge: Node, size: Node, num_tokens
         replaced.append(f"{node.name} (mean over tokens {start}:) -> size-weighted mean")
         log.info("tomec: pooling %s", replaced[-1])
     return replaced
-
-
-def _descendants(node: Node) -> set:
-    seen, todo = set(), [node]
-    while todo:
-        for u in todo.pop().users:
-            if u not in seen:
-                seen.add(u)
-                todo.append(u)
-    return seen

@@ -1,7 +1,8 @@
 """Method registry: what each token-merging method plugs into the shared pipeline.
 
-A method supplies a *matcher*, ``match(metric, r, protected, *, layer, num_layers, impl, **options)
--> dest`` (``[B, N]`` int64 destination map), the per-block cap of its schedule and its options.
+A method supplies a *matcher*, ``match(keys, r, protected, *, layer, num_layers, impl, **options)
+-> dest`` (``keys``: the attention keys ``[B, H, N, d]`` that enter attention; ``dest``: the ``[B, N]``
+int64 destination map), the per-block cap of its schedule and its options.
 Everything else (the merge, size threading, proportional attention, source maps) is shared.
 """
 
@@ -66,9 +67,9 @@ def get(name: str) -> Method:
 
 
 def _tome_match(
-    metric: Tensor, r: int, protected: int, *, layer: int, num_layers: int, impl: str = "torch"
+    keys: Tensor, r: int, protected: int, *, layer: int, num_layers: int, impl: str = "torch"
 ) -> Tensor:
-    return ops.bipartite_match(metric, r, protected, impl=impl)
+    return ops.bipartite_match(keys, r, protected, impl=impl)
 
 
 register(

@@ -96,11 +96,6 @@ def key_metric(k: Tensor) -> Tensor:
     return k.mean(1)
 
 
-def _scoring_dtype(metric: Tensor) -> Tensor:
-    # Scores decide discrete matches: compute them in fp32 at least, whatever the activations.
-    return metric if metric.dtype == torch.float64 else metric.float()
-
-
 def _inv_norm(t: Tensor) -> Tensor:
     # The clamp only keeps an all-zero vector from turning into NaN.
     return 1.0 / t.norm(dim=-1).clamp_min(torch.finfo(t.dtype).tiny)
@@ -128,7 +123,8 @@ def bipartite_match(metric: Tensor, r: int, protected: int = 0, *, impl: str = "
     tokens, the unmerged non-protected A tokens by position, then the non-protected B tokens.
 
     Args:
-        metric: ``[B, N, d]`` similarity features (normalized here).
+        metric: ``[B, N, d]`` similarity features, or the attention keys ``[B, H, N, d]``, summed
+            over heads (the cosine is scale-invariant: the same matches as ToMe's head mean).
         r: tokens to remove, ``0 <= r <= (N - protected) // 2``.
         protected: leading tokens that never merge.
 
@@ -136,7 +132,9 @@ def bipartite_match(metric: Tensor, r: int, protected: int = 0, *, impl: str = "
         ``dest``: ``[B, N]`` int64 in ``[0, N - r)``.
     """
     check_dtype(metric.dtype, "the merge metric")
-    batch, n, _ = metric.shape
+    if metric.dim() not in (3, 4):
+        raise ConfigError(f"metric must be [B, N, d] or keys [B, H, N, d], got {list(metric.shape)}")
+    batch, n = metric.shape[0], metric.shape[-2]
     if not 0 <= protected <= n:
         raise ConfigError(f"protected={protected} is outside [0, {n}] for {n} tokens")
     cap = (n - protected) // 2
@@ -145,7 +143,10 @@ def bipartite_match(metric: Tensor, r: int, protected: int = 0, *, impl: str = "
     if resolve_impl(impl, metric.device) == "triton":
         return torch.ops.tomec.tome_match(metric, r, protected)
     device = metric.device
-    a, b = _scoring_dtype(metric)[:, ::2], _scoring_dtype(metric)[:, 1::2]
+    # Scores decide discrete matches: compute them in fp32 at least, whatever the activations.
+    wide = torch.float64 if metric.dtype == torch.float64 else torch.float32
+    metric = metric.sum(1, dtype=wide) if metric.dim() == 4 else metric.to(wide)
+    a, b = metric[:, ::2], metric[:, 1::2]
     n_a, n_b = a.shape[1], b.shape[1]
     prot_a, prot_b = (protected + 1) // 2, protected // 2
     ia = torch.arange(n_a, device=device)

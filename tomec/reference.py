@@ -94,7 +94,7 @@ def _block_forward(
     if r > 0:
         method = st.config.method_spec
         dest = method.match(
-            ops.key_metric(k), r, st.protected, layer=layer, num_layers=st.num_layers,
+            k, r, st.protected, layer=layer, num_layers=st.num_layers,
             **st.config.method_options,
         )
         x, st.size = ops.merge(x, st.size, dest, x.shape[1] - r)

@@ -70,6 +70,19 @@ def test_match_kernel_all_tied():
             assert torch.equal(dest, ops.bipartite_match(metric, r, protected))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_match_kernel_on_keys_sums_heads(dtype):
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randint(-3, 4, (2, 57, 3, 6, 32), generator=g).to(dtype)
+    keys = qkv.permute(2, 0, 3, 1, 4)[1]  # [B, H, N, d], strided like timm's k
+    for r in (0, 9, 28):
+        dest = torch.full((2, 57), -7, dtype=torch.int64)
+        launch_tome_match(keys, r, 1, dest)
+        assert torch.equal(dest, ops.bipartite_match(keys, r, 1))
+        # the head sum matches like ToMe's head mean (exact here: integer keys, 6 heads)
+        assert torch.equal(dest, ops.bipartite_match(keys.double().mean(1), r, 1))
+
+
 def test_match_kernel_strided_input():
     base = integer_metric(2, 40, 96, torch.float32, seed=3)
     metric = base[..., 16:80]  # a view with row stride 96
