@@ -168,8 +168,9 @@ def launch_merge(
     size_strides = (size.stride(0), size.stride(1)) if size is not None else (0, 0)
     w_strides = (w.stride(0), w.stride(1)) if w is not None else (0, 0)
     grid = (batch, triton.cdiv(n_out, block_s), triton.cdiv(channels, block_c))
+    # absent operands: any tensor as a placeholder pointer, never read (HAS_SIZE / HAS_W are off)
     wrap_triton(_merge_kernel)[grid](
-        x, size, w, perm, starts, out, size_out,
+        x, x if size is None else size, x if w is None else w, perm, starts, out, size_out,
         n, channels, n_out,
         x.stride(0), x.stride(1), x.stride(2),
         *size_strides, *w_strides,
