@@ -122,6 +122,11 @@ def rewrite(gm: GraphModule, example_inputs: Sequence[Any], config: TomecConfig)
     report.schedule, report.protected = plan.schedule, plan.protected
     inserted = insert_merges(gm, plan, config, _device_type(found.blocks[0]))
     report.blocks = inserted.lines
+    if inserted.biased_blocks:
+        report.notes.append(
+            f"proportional attention (log size, {inserted.attention_impl} for SDPA calls) in blocks "
+            f"{inserted.biased_blocks}"
+        )
     _refuse_unmerged_attention(found.skipped, inserted, config, report)
 
     result = RewriteResult(gm, plan, report)

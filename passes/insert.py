@@ -32,6 +32,7 @@ class Inserted:
     last_merge: Optional[Node] = None
     merged_blocks: list[int] = field(default_factory=list)
     biased_blocks: list[int] = field(default_factory=list)
+    attention_impl: str = ""
     lines: list[str] = field(default_factory=list)
 
 
@@ -91,7 +92,7 @@ def insert_merges(gm: GraphModule, plan: Plan, config: TomecConfig, device_type:
     method = config.method_spec
     impl = _impl_for(device_type)
     attn_impl = _prop_attn_impl(config, device_type)
-    state = Inserted()
+    state = Inserted(attention_impl=attn_impl)
     bias: Optional[Node] = None
     num_layers = len(plan.blocks)
 

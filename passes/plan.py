@@ -70,7 +70,7 @@ def count_prefix_tokens(stream: Node) -> tuple[int, str]:
             if n in seen:
                 continue
             seen.add(n)
-            if _concat_dim(n) == 1 or (_concat_dim(n) is not None and _concat_dim(n) == -2):
+            if _concat_dim(n) in (1, -2):  # the token axis of [B, N, C]
                 parts = n.args[0] if n.args else n.kwargs.get("tensors")
                 if not isinstance(parts, (list, tuple)) or len(parts) < 2:
                     continue

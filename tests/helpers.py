@@ -76,3 +76,17 @@ def random_map(batch: int, n: int, n_out: int, n_dropped: int, seed: int) -> tor
         row[perm[n_out : n_out + n_dropped]] = -1
         dest[b] = row
     return dest
+
+
+def trace(model, x):
+    """The Dynamo FX graph of ``model(x)`` and its example inputs."""
+    captured = {}
+
+    def capture(gm, example_inputs):
+        captured["gm"], captured["inputs"] = gm, example_inputs
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture, fullgraph=True)(x)
+    return captured["gm"], captured["inputs"]

@@ -205,3 +205,17 @@ def test_average_pooling_becomes_size_weighted(name, kwargs, side, protected):
 @pytest.mark.parametrize("impl", ["mask", "manual", "extra_dim", "flex"])
 def test_proportional_attention_implementations_agree(impl):
     check_parity("test_vit", True, 4, True, compiler="eager", prop_attn_impl=impl)
+
+
+def test_dynamic_true_keeps_the_token_count_static_and_stays_correct():
+    # timm checks the image size, so Dynamo specializes it: only the batch becomes symbolic
+    model = make_model("test_vit")
+    ref = reference_of(model, method="tome", r=40)
+    torch._dynamo.reset()
+    be = tomec.backend(r=40, compiler="eager")
+    compiled = torch.compile(model, backend=be, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        for batch in (2, 3):
+            x = images("test_vit", batch, seed=batch)
+            assert relative_error(compiled(x), ref(x)) <= TOLERANCE
+    assert len(be.compile_seconds) == 1  # one graph serves both batch sizes

@@ -119,3 +119,21 @@ def test_unknown_inductor_option_through_the_registered_backend():
             compiled(images("test_vit", 1))
     assert isinstance(info.value.inner_exception, ConfigError)
     assert "no_such_knob" in str(info.value.inner_exception)
+
+
+
+
+def test_dynamic_token_count_is_refused():
+    from timm.models.vision_transformer import Block
+
+    torch.manual_seed(0)
+    blocks = nn.Sequential(*[Block(dim=32, num_heads=2) for _ in range(2)]).eval()
+    x = torch.randn(2, 17, 32)
+    torch._dynamo.reset()
+    torch._dynamo.mark_dynamic(x, 1)  # the token axis itself
+    compiled = torch.compile(blocks, backend=tomec.backend(r=4, compiler="eager", protect=1))
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info, torch.no_grad():
+        compiled(x)
+    err = info.value.inner_exception
+    assert isinstance(err, UnsupportedModelError)
+    assert "is dynamic; tomec needs a static image size" in str(err)

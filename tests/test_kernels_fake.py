@@ -12,8 +12,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import tomec
-from tests.helpers import images, make_model
-from tests.test_passes import trace
+from tests.helpers import images, make_model, trace
 from tomec import kernels, ops
 from tomec.config import TomecConfig
 from tomec.passes import rewrite

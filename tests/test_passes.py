@@ -6,25 +6,11 @@ import pytest
 import torch
 
 import tomec
-from tests.helpers import images, make_model
+from tests.helpers import images, make_model, trace
 from tomec.errors import UnsupportedModelError
 from tomec.passes import find_blocks
 from tomec.passes.plan import count_prefix_tokens
 from tomec.passes.shapes import fixed_reshape_args
-
-
-def trace(model, x):
-    """The Dynamo FX graph of ``model(x)`` and its example inputs."""
-    captured = {}
-
-    def capture(gm, example_inputs):
-        captured["gm"], captured["inputs"] = gm, example_inputs
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=capture, fullgraph=True)(x)
-    return captured["gm"], captured["inputs"]
 
 
 @pytest.mark.parametrize("fused,form", [(True, "sdpa"), (False, "manual")])
