@@ -97,7 +97,7 @@ def test_pass_inserts_triton_ops_on_cuda_and_torch_ops_on_cpu(device):
 
 
 def test_auto_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setattr(ops, "_warned_fallback", False)
+    monkeypatch.setattr(ops.common, "_warned_fallback", False)
     monkeypatch.setattr(kernels, "unavailable_reason", lambda: "Triton cannot be imported (test)")
     with pytest.warns(UserWarning, match="Triton cannot be imported"):
         assert ops.resolve_impl("auto", torch.device("cuda")) == "torch"

@@ -1,0 +1,36 @@
+"""The op layer: token-merging steps as functions of tensors.
+
+Every method ends in the same representation, the *destination map*: ``dest[b, i]`` is the output slot
+of token ``i`` (``-1``: dropped). :func:`merge` applies any destination map; matchers such as
+:func:`bipartite_match` produce one. Each op takes ``impl=``: ``"torch"`` is the plain-PyTorch
+semantic reference (used on CPU, and traced by Inductor there); ``"triton"`` runs the fused kernels of
+``tomec.kernels`` (CUDA, or CPU under ``TRITON_INTERPRET=1``); ``"auto"`` picks Triton for CUDA
+tensors. All ops are free of Python loops over tokens, host synchronization and data-dependent
+shapes, so Dynamo/Inductor trace them whole.
+
+Shapes: ``B`` batch, ``N`` tokens in, ``N_out`` tokens out, ``C`` channels, ``H`` heads, ``d`` head
+width, ``N0`` tokens entering the first block.
+"""
+
+from .attention import attention, attention_extra_dim, attention_flex, combine_masks, log_size_bias
+from .common import IMPLS, SUPPORTED_DTYPES, check_dtype, resolve_impl
+from .matching import bipartite_match, key_metric
+from .merge import MERGE_MODES, compose_source, merge, size_weighted_mean
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "IMPLS",
+    "MERGE_MODES",
+    "check_dtype",
+    "resolve_impl",
+    "key_metric",
+    "bipartite_match",
+    "merge",
+    "compose_source",
+    "log_size_bias",
+    "combine_masks",
+    "attention",
+    "attention_extra_dim",
+    "attention_flex",
+    "size_weighted_mean",
+]

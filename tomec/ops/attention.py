@@ -1,0 +1,71 @@
+"""Proportional attention: the ``log(size)`` bias and the ways to feed it to attention."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+def log_size_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
+    """Proportional attention bias ``log(size)`` on the key axis: ``[B, N, 1] -> [B, 1, 1, N]``."""
+    return size.log().to(dtype).squeeze(-1)[:, None, None, :]
+
+
+def combine_masks(mask: Tensor, bias: Tensor) -> Tensor:
+    """An existing SDPA ``attn_mask`` (bool: True attends; or additive) plus the ``log(size)`` bias."""
+    if mask.dtype == torch.bool:
+        return bias.masked_fill(~mask, float("-inf"))
+    return mask + bias
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, scale: Optional[float] = None
+) -> Tensor:
+    """Attention as the explicit chain ``softmax(q kᵀ · scale + bias) v``; ``[B, H, N, d]`` in and out.
+
+    On CPU this beats SDPA with a float mask at the token counts of merged layers.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1) @ v
+
+
+def attention_extra_dim(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: Optional[float] = None
+) -> Tensor:
+    """SDPA without a mask: ``log(size)`` rides in an extra head dimension so flash kernels apply.
+
+    q gets a column of ``1/scale``, k the bias, both (and v) zero-padded to a multiple of 8:
+    ``(q'·k')·scale = q·k·scale + log size``. ``bias``: ``[B, 1, 1, N]``; tensors ``[B, H, N, d]``.
+    """
+    import torch.nn.functional as F
+
+    d = q.shape[-1]
+    if scale is None:
+        scale = d**-0.5
+    pad = -(d + 1) % 8
+    batch, heads, n, _ = k.shape
+    q2 = torch.cat([q, torch.full_like(q[..., :1], 1.0 / scale), q.new_zeros(*q.shape[:-1], pad)], -1)
+    column = bias.reshape(batch, 1, n, 1).expand(batch, heads, n, 1).to(k.dtype)
+    k2 = torch.cat([k, column, k.new_zeros(batch, heads, n, pad)], -1)
+    v2 = torch.cat([v, v.new_zeros(*v.shape[:-1], 1 + pad)], -1)
+    return F.scaled_dot_product_attention(q2, k2, v2, scale=scale)[..., :d]
+
+
+def attention_flex(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: Optional[float] = None
+) -> Tensor:
+    """FlexAttention with ``log(size)`` as a ``score_mod`` (compiled into one fused kernel by
+    Inductor). ``bias``: ``[B, 1, 1, N]``; tensors ``[B, H, N, d]``."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    log_size = bias.reshape(bias.shape[0], bias.shape[-1])
+
+    def add_log_size(score, b, h, q_idx, kv_idx):
+        return score + log_size[b, kv_idx]
+
+    return flex_attention(q, k, v, score_mod=add_log_size, scale=scale)

@@ -1,0 +1,79 @@
+"""Shared pieces of the op layer: supported dtypes, implementation choice, small helpers."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import Tensor
+
+from tomec.errors import ConfigError, UnsupportedDtypeError
+
+log = logging.getLogger("tomec")
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+IMPLS = ("torch", "triton", "auto")
+
+
+def check_dtype(dtype: torch.dtype, where: str = "activations") -> None:
+    """Raise :class:`UnsupportedDtypeError` unless ``dtype`` is one tomec has ops for."""
+    if dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+        raise UnsupportedDtypeError(
+            f"{where} are {str(dtype).replace('torch.', '')}; tomec supports {names}"
+        )
+
+
+_warned_fallback = False
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """``"torch"`` or ``"triton"`` for tensors on ``device``.
+
+    ``"auto"`` takes Triton for CUDA tensors when the kernels load, else PyTorch (with a one-time
+    warning when CUDA tensors fall back). ``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1``.
+    """
+    global _warned_fallback
+    if impl not in IMPLS:
+        raise ConfigError(f"impl={impl!r} is not available; choose one of {IMPLS}")
+    if impl == "torch":
+        return impl
+    from tomec import kernels
+
+    reason = kernels.unavailable_reason()
+    if impl == "auto":
+        if device.type != "cuda":
+            return "torch"
+        if reason is None:
+            kernels.load()
+            return "triton"
+        if not _warned_fallback:
+            _warned_fallback = True
+            warnings.warn(f"tomec: using the PyTorch ops on CUDA: {reason}", stacklevel=3)
+            log.warning("tomec: using the PyTorch ops on CUDA: %s", reason)
+        return "torch"
+    if reason is not None:
+        raise ConfigError(f"impl='triton' is not available: {reason}")
+    if device.type == "cpu" and not kernels.interpreting():
+        raise ConfigError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)")
+    kernels.load()
+    return "triton"
+
+
+def inv_norm(t: Tensor) -> Tensor:
+    # The clamp only keeps an all-zero vector from turning into NaN.
+    return 1.0 / t.norm(dim=-1).clamp_min(torch.finfo(t.dtype).tiny)
+
+
+def descending_rank(score: Tensor) -> Tensor:
+    """Position of each entry in a stable descending sort of the last axis (ties: lower index first).
+
+    ``[B, n] -> [B, n]`` int64. Pairwise counting instead of ``sort`` + inverse permutation: one fused
+    reduction under Inductor, exact, and no tie-order freedom.
+    """
+    n = score.shape[-1]
+    idx = torch.arange(n, device=score.device)
+    other, me = score.unsqueeze(-2), score.unsqueeze(-1)  # [B, 1, n] (j), [B, n, 1] (i)
+    before = (other > me) | ((other == me) & (idx.view(1, 1, n) < idx.view(1, n, 1)))
+    return before.sum(-1)

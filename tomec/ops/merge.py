@@ -1,0 +1,109 @@
+"""The destination-map merge and source tracking."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from tomec.errors import ConfigError
+
+from .common import check_dtype, resolve_impl
+
+MERGE_MODES = ("mean", "norm_preserving")
+
+
+def merge(
+    x: Tensor,
+    size: Optional[Tensor],
+    dest: Tensor,
+    n_out: int,
+    w: Optional[Tensor] = None,
+    *,
+    n_dropped: int = 0,
+    mode: str = "mean",
+    impl: str = "torch",
+) -> tuple[Tensor, Tensor]:
+    """Apply a destination map: each output token is the weighted mean of its members.
+
+    Args:
+        x: ``[B, N, C]`` tokens.
+        size: ``[B, N, 1]`` patches per token, or ``None`` for all ones.
+        dest: ``[B, N]`` int64 output slot per token in ``[0, n_out)``, ``-1`` for dropped tokens.
+            Every slot must have at least one member, and exactly ``n_dropped`` tokens per image
+            are ``-1`` (both hold for every matcher in tomec; the shapes below depend on it).
+        n_out: number of output tokens.
+        w: ``[B, N, 1]`` merge weights; ``None`` means ``size`` (the size-weighted mean).
+        n_dropped: tokens per image with ``dest == -1``.
+        mode: ``"mean"``, or ``"norm_preserving"`` (ToFu's MLERP: the mean's direction rescaled
+            to the largest norm among the members).
+
+    Returns:
+        ``x_out [B, n_out, C]`` (weighted means), ``size_out [B, n_out, 1]`` (sums of member sizes).
+    """
+    check_dtype(x.dtype, "merged tokens")
+    if mode not in MERGE_MODES:
+        raise ConfigError(f"merge mode={mode!r}; choose one of {MERGE_MODES}")
+    batch, n, channels = x.shape
+    n_extra = n - n_out - n_dropped
+    if n_out < 1 or n_extra < 0:
+        raise ConfigError(
+            f"cannot merge {n} tokens into {n_out} slots with {n_dropped} dropped "
+            f"(needs 1 <= n_out <= N - n_dropped)"
+        )
+    if resolve_impl(impl, x.device) == "triton":
+        return torch.ops.tomec.merge(x, size, dest, n_out, w, MERGE_MODES.index(mode))
+    if size is None:
+        size = x.new_ones(batch, n, 1)
+    if w is None:
+        w = size
+    device = x.device
+    slots = torch.arange(n_out, device=device)
+    positions = torch.arange(n, device=device)
+
+    # Gather one member per slot (its first) and fold in only the few extra members: far cheaper
+    # than a scatter over all N tokens, and no floating-point atomics, so the result is deterministic.
+    is_member = dest.unsqueeze(1) == slots.view(1, n_out, 1)  # [B, n_out, N]
+    first = torch.where(is_member, positions.view(1, 1, n), n).amin(-1)  # [B, n_out]
+    is_first = first.gather(1, dest.clamp_min(0)) == positions.view(1, n)
+    is_extra = (dest >= 0) & ~is_first  # [B, N], n_extra per image
+    extra_rank = is_extra.cumsum(-1)  # k-th extra has rank k + 1
+    ks = torch.arange(n_extra, device=device)
+    extra = (extra_rank.unsqueeze(1) <= ks.view(1, n_extra, 1)).sum(-1)  # [B, n_extra] positions
+
+    xw = x * w
+    parts = torch.cat([xw, w, size], dim=-1)  # one gather for values, weights and sizes
+    out = parts.gather(1, first.unsqueeze(-1).expand(batch, n_out, channels + 2))
+    if n_extra:
+        extra_parts = parts.gather(1, extra.unsqueeze(-1).expand(batch, n_extra, channels + 2))
+        onto = dest.gather(1, extra).unsqueeze(1) == slots.view(1, n_out, 1)  # [B, n_out, n_extra]
+        out = out + onto.to(x.dtype) @ extra_parts  # [B, n_extra, C + 2]
+    x_out = out[..., :channels] / out[..., channels : channels + 1]
+    if mode == "norm_preserving":
+        norms = x.norm(dim=-1)  # [B, N]
+        largest = norms.gather(1, first)
+        if n_extra:
+            extra_norms = torch.where(onto, norms.gather(1, extra).unsqueeze(1), 0.0)
+            largest = torch.maximum(largest, extra_norms.amax(-1))
+        scale = largest / x_out.norm(dim=-1).clamp_min(torch.finfo(x.dtype).tiny)
+        x_out = x_out * scale.unsqueeze(-1)
+    return x_out, out[..., channels + 1 :]
+
+
+def compose_source(source: Optional[Tensor], dest: Tensor, *, impl: str = "torch") -> Tensor:
+    """Track original tokens through a merge: ``[B, N0]`` slots of the original tokens.
+
+    ``source=None`` means the identity (the first merge); ``-1`` (dropped) stays ``-1``.
+    """
+    if source is None:
+        return dest
+    if resolve_impl(impl, dest.device) == "triton":
+        return torch.ops.tomec.compose_source(source, dest)
+    return torch.where(source >= 0, dest.gather(1, source.clamp_min(0)), -1)
+
+
+def size_weighted_mean(x: Tensor, size: Tensor) -> Tensor:
+    """Average over tokens counting each token as many patches as it holds: ``[B, N, C] -> [B, C]``."""
+    size = size.to(x.dtype)
+    return (x * size).sum(1) / size.sum(1)
