@@ -40,6 +40,7 @@ def _tome_match_kernel(
     stride_kd,
     stride_db,
     stride_dn,
+    DROP: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -125,6 +126,8 @@ def _tome_match_kernel(
         partner_slot = tl.where(
             partner < prot_b, 2 * partner + 1, protected + n_kept_a + partner - prot_b
         )
+        if DROP:  # ToFu's pruning: sources leave instead of merging
+            partner_slot = tl.full([BLOCK_A], -1, tl.int32)
         slot = tl.where(is_prot, 2 * ia, tl.where(is_src, partner_slot, protected - 1 + kept_rank))
         tl.store(dest + (2 * ia) * stride_dn, slot.to(tl.int64), mask=amask)
     for b0 in range(0, n_b, BLOCK_B):
@@ -133,10 +136,13 @@ def _tome_match_kernel(
         tl.store(dest + (2 * jb + 1) * stride_dn, slot.to(tl.int64), mask=jb < n_b)
 
 
-def launch_tome_match(keys: torch.Tensor, r: int, protected: int, dest: torch.Tensor) -> None:
+def launch_tome_match(
+    keys: torch.Tensor, r: int, protected: int, dest: torch.Tensor, drop_sources: bool = False
+) -> None:
     """Fill ``dest [B, N]`` (int64) with ToMe's destination map.
 
-    ``keys``: ``[B, H, N, d]`` (summed over heads here) or a metric ``[B, N, d]``.
+    ``keys``: ``[B, H, N, d]`` (summed over heads here) or a metric ``[B, N, d]``;
+    ``drop_sources``: the sources get ``-1`` (ToFu's pruning).
     """
     if keys.dim() == 3:
         keys = keys.unsqueeze(1)
@@ -152,19 +158,19 @@ def launch_tome_match(keys: torch.Tensor, r: int, protected: int, dest: torch.Te
         n, heads, d, r, protected,
         keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
         dest.stride(0), dest.stride(1),
-        BLOCK_A=32, BLOCK_B=32, BLOCK_D=block_d,
+        DROP=drop_sources, BLOCK_A=32, BLOCK_B=32, BLOCK_D=block_d,
     )
 
 
 @triton_op("tomec::tome_match", mutates_args=())
-def tome_match(keys: torch.Tensor, r: int, protected: int) -> torch.Tensor:
+def tome_match(keys: torch.Tensor, r: int, protected: int, drop_sources: bool = False) -> torch.Tensor:
     """``[B, H, N, d]`` keys (or a ``[B, N, d]`` metric) ``-> dest [B, N]`` int64: ToMe's bipartite
     matching (see :func:`tomec.ops.bipartite_match`)."""
     dest = torch.empty(keys.shape[0], keys.shape[-2], device=keys.device, dtype=torch.int64)
-    launch_tome_match(keys, r, protected, dest)
+    launch_tome_match(keys, r, protected, dest, drop_sources)
     return dest
 
 
 @tome_match.register_fake
-def _(keys: torch.Tensor, r: int, protected: int) -> torch.Tensor:
+def _(keys: torch.Tensor, r: int, protected: int, drop_sources: bool = False) -> torch.Tensor:
     return keys.new_empty(keys.shape[0], keys.shape[-2], dtype=torch.int64)

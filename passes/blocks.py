@@ -9,6 +9,7 @@ with the reason it was skipped.
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -41,6 +42,8 @@ class AttentionBlock:
     stream: Node  # the block's input on the residual stream
     num_tokens: int
     dtype: torch.dtype
+    scale: Optional[float]  # the logit scale (None: SDPA's default, d ** -0.5)
+    block_out: Optional[Node]  # add(residual, mlp branch): the block's output, if found
 
 
 @dataclass
@@ -67,6 +70,7 @@ class _Attention:
     attn: Node
     logits: Optional[Node]
     out: Node
+    scale: Optional[float]
 
 
 def _walk_up_to_matmul(node: Node) -> Optional[Node]:
@@ -85,11 +89,32 @@ def _walk_up_to_matmul(node: Node) -> Optional[Node]:
     return None
 
 
-def _strip_scale(node: Node) -> Node:
-    """``q * scale`` → ``q`` (for shapes only)."""
-    if gu.is_mul(node) and isinstance(node.args[0], Node) and not isinstance(node.args[1], Node):
-        return node.args[0]
-    return node
+def _constant_factor(node: Node) -> Optional[tuple[Node, float]]:
+    """``t * c``, ``c * t`` or ``t / c`` with a number ``c`` → ``(t, factor)``; else None."""
+    if not gu.is_mul(node) or len(node.args) != 2:
+        return None
+    a, b = node.args
+    divide = node.target in (operator.truediv, torch.div) or node.target == "div"
+    if isinstance(a, Node) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return a, (1.0 / b if divide else float(b))
+    if isinstance(b, Node) and isinstance(a, (int, float)) and not divide and not isinstance(a, bool):
+        return b, float(a)
+    return None
+
+
+def _manual_scale(q: Node, logits: Node, scores: Node) -> tuple[Node, float]:
+    """The unscaled q and the logit scale of the manual chain (timm scales q, HF the logits)."""
+    scale = 1.0
+    found = _constant_factor(q)
+    if found:
+        q, scale = found[0], scale * found[1]
+    n = logits
+    while n is not scores:
+        found = _constant_factor(n)
+        if found:
+            scale *= found[1]
+        n = next(a for a in n.args if isinstance(a, Node) and gu.meta_shape(a, True) == gu.meta_shape(n, True))
+    return q, scale
 
 
 def _manual_attention(softmax: Node) -> Union[_Attention, str]:
@@ -117,7 +142,8 @@ def _manual_attention(softmax: Node) -> Union[_Attention, str]:
         n = u
     if out is None:
         return "no · v after the softmax"
-    return _Attention("manual", _strip_scale(q), k, out.args[1], softmax, logits, out)
+    q, scale = _manual_scale(q, logits, scores)
+    return _Attention("manual", q, k, out.args[1], softmax, logits, out, scale)
 
 
 def _sdpa_attention(node: Node) -> Union[_Attention, str]:
@@ -126,7 +152,8 @@ def _sdpa_attention(node: Node) -> Union[_Attention, str]:
         return "causal attention"
     if not all(isinstance(t, Node) for t in (q, k, v)):
         return "q, k or v is not a traced tensor"
-    return _Attention("sdpa", q, k, v, node, None, node)
+    scale = gu.arg(node, 6, "scale")
+    return _Attention("sdpa", q, k, v, node, None, node, None if scale is None else float(scale))
 
 
 def _find_residual(att: _Attention) -> Union[tuple[Node, Node], str]:
@@ -152,6 +179,17 @@ def _find_residual(att: _Attention) -> Union[tuple[Node, Node], str]:
         if not frontier:
             break
     return "no residual add joins the attention output to the stream its keys come from"
+
+
+def _find_block_output(residual: Node) -> Optional[Node]:
+    """The add of ``residual`` and a branch computed from it (the MLP residual)."""
+    branch = gu.descendants(residual)
+    for u in residual.users:
+        if gu.is_add(u):
+            others = [a for a in u.args if isinstance(a, Node) and a is not residual]
+            if len(others) == 1 and others[0] in branch:
+                return u
+    return None
 
 
 def _check_shapes(att: _Attention, residual: Node) -> Optional[str]:
@@ -216,6 +254,8 @@ def find_blocks(gm: GraphModule) -> FoundBlocks:
                 stream=stream,
                 num_tokens=int(gu.meta_shape(residual, True)[1]),
                 dtype=k_val.dtype,
+                scale=att.scale,
+                block_out=_find_block_output(residual),
             )
         )
     for s in skipped:

@@ -14,6 +14,8 @@ from torch.fx import GraphModule, Node
 
 from tomec import ops
 from tomec.config import TomecConfig
+from tomec.errors import UnsupportedModelError
+from tomec.methods import merge_step
 
 from . import graph_utils as gu
 from .blocks import AttentionBlock
@@ -106,31 +108,54 @@ def insert_merges(gm: GraphModule, plan: Plan, config: TomecConfig, device_type:
         if r == 0:
             state.lines.append(f"block {block.index} ({block.path}): {n_in} tokens, no merge")
             continue
-        residual = block.residual
-        with graph.inserting_before(residual.next):
-            dest = graph.call_function(
-                method.match,
-                (block.k, r, plan.protected),
-                {"layer": block.index, "num_layers": num_layers, "impl": impl,
-                 **config.method_options},
-            )
-            merged = graph.call_function(
-                ops.merge, (residual, state.size, dest, n_in - r), {"impl": impl}
-            )
-            x_out = graph.call_function(operator.getitem, (merged, 0))
-            size = graph.call_function(operator.getitem, (merged, 1))
-            if config.trace_source:
-                state.source = graph.call_function(
-                    ops.compose_source, (state.source, dest), {"impl": impl}
-                )
-        inserted = {dest, merged, x_out, size}
-        residual.replace_all_uses_with(x_out, delete_user_cb=lambda u: u not in inserted)
-        state.size, bias = size, None
+        if method.site == "block":
+            step = _insert_transform(gm, block, r, plan, method, impl)
+        else:
+            step = _insert_merge_step(gm, block, r, plan, config, state, impl)
+            bias = None  # the sizes changed
         if state.first_merge is None:
-            state.first_merge = merged
-        state.last_merge = merged
+            state.first_merge = step
+        state.last_merge = step
         state.merged_blocks.append(block.index)
         line = f"block {block.index} ({block.path}): {n_in} -> {n_in - r} tokens (r={r})"
         state.lines.append(line)
         log.info("tomec: rewrote %s", line)
     return state
+
+
+def _insert_merge_step(gm, block, r, plan, config, state, impl) -> Node:
+    """One ``merge_step`` call right after the attention residual; later uses see merged tokens."""
+    graph = gm.graph
+    residual = block.residual
+    method = config.method_spec
+    with graph.inserting_before(residual.next):
+        step = graph.call_function(
+            merge_step,
+            (residual, state.size, state.source, block.k, block.q),
+            {
+                "method": method.name, "r": r, "protected": plan.protected, "layer": block.index,
+                "num_layers": len(plan.blocks), "scale": block.scale, "prop_attn": config.prop_attn,
+                "trace_source": config.trace_source, "impl": impl,
+                "options": dict(config.method_options),
+            },
+        )
+        x_out = graph.call_function(operator.getitem, (step, 0))
+        state.size = graph.call_function(operator.getitem, (step, 1))
+        if config.trace_source:
+            state.source = graph.call_function(operator.getitem, (step, 2))
+    residual.replace_all_uses_with(x_out, delete_user_cb=lambda u: u is not step)
+    return step
+
+
+def _insert_transform(gm, block, r, plan, method, impl) -> Node:
+    """A token transform (DCT) right after the block's MLP residual."""
+    out = block.block_out
+    if out is None:
+        raise UnsupportedModelError(
+            f"method {method.name!r} acts on the block's output, but no MLP residual add follows "
+            f"the attention residual of block {block.index} ({block.path})"
+        )
+    with gm.graph.inserting_before(out.next):
+        step = gm.graph.call_function(method.transform, (out, r, plan.protected), {"impl": impl})
+    out.replace_all_uses_with(step, delete_user_cb=lambda u: u is not step)
+    return step

@@ -39,7 +39,12 @@ class TomecConfig:
         spec = methods.get(self.method)
         object.__setattr__(self, "method", spec.name)
         object.__setattr__(self, "method_options", spec.check_options(dict(self.method_options)))
-        if self.r is None and self.schedule is None:
+        own = spec.owns_schedule(self.method_options)
+        if own and (self.r is not None or self.schedule is not None):
+            raise ConfigError(
+                f"method {spec.name!r} takes its schedule from its options here; drop r= / schedule="
+            )
+        if not own and self.r is None and self.schedule is None:
             raise ConfigError("give r= (tokens to remove in total) or schedule= (per-block counts)")
         if self.r is not None and self.schedule is not None:
             raise ConfigError(f"give r= or schedule=, not both (got r={self.r!r} and a schedule)")
@@ -76,6 +81,9 @@ class TomecConfig:
 
     def resolve_schedule(self, num_layers: int, num_tokens: int, num_protected: int) -> list[int]:
         """Per-block token counts for a model with these dimensions (see :mod:`tomec.schedule`)."""
+        spec = self.method_spec
+        if spec.owns_schedule(self.method_options):
+            return spec.schedule(self.method_options, num_layers, num_tokens, num_protected)
         return schedules.resolve(
             num_layers,
             num_tokens,

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from . import ops
 from .config import TomecConfig
 from .errors import UnsupportedModelError
+from .methods import merge_step
 
 __all__ = ["patch", "unpatch", "state", "ReferenceState"]
 
@@ -53,8 +54,9 @@ def _timm_classes() -> tuple[type, type, type]:
 def _attention_forward(
     self: nn.Module, x: Tensor, size: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
     is_causal: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """timm ``Attention.forward`` plus the ``log(size)`` bias; also returns the keys ``[B, H, N, d]``."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """timm ``Attention.forward`` plus the ``log(size)`` bias; also returns the keys and queries
+    ``[B, H, N, d]`` that enter attention."""
     if attn_mask is not None or is_causal:
         raise UnsupportedModelError("the tomec reference does not merge under attention masks")
     batch, n, _ = x.shape
@@ -76,7 +78,7 @@ def _attention_forward(
     x = self.norm(x)
     if gate is not None:
         x = x * gate
-    return self.proj_drop(self.proj(x)), k
+    return self.proj_drop(self.proj(x)), k, q
 
 
 def _block_forward(
@@ -87,20 +89,21 @@ def _block_forward(
     if layer == 0:
         st.begin(x.shape[1])
     st.tokens_per_block.append(x.shape[1])
-    size = st.size if st.config.prop_attn else None
-    attn_out, k = self.attn(self.norm1(x), size=size, attn_mask=attn_mask, is_causal=is_causal)
+    config, method, r = st.config, st.config.method_spec, st.schedule[layer]
+    size = st.size if config.prop_attn else None
+    attn_out, k, q = self.attn(self.norm1(x), size=size, attn_mask=attn_mask, is_causal=is_causal)
     x = x + self.drop_path1(self.ls1(attn_out))
-    r = st.schedule[layer]
-    if r > 0:
-        method = st.config.method_spec
-        dest = method.match(
-            k, r, st.protected, layer=layer, num_layers=st.num_layers,
-            **st.config.method_options,
+    if r > 0 and method.site == "attention":
+        x, st.size, st.source = merge_step(
+            x, st.size, st.source, k, q, method=method.name, r=r, protected=st.protected,
+            layer=layer, num_layers=st.num_layers, scale=self.attn.scale,
+            prop_attn=config.prop_attn, trace_source=config.trace_source,
+            options=config.method_options,
         )
-        x, st.size = ops.merge(x, st.size, dest, x.shape[1] - r)
-        if st.config.trace_source:
-            st.source = ops.compose_source(st.source, dest)
-    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    if r > 0 and method.site == "block":
+        x = method.transform(x, r, st.protected)
+    return x
 
 
 def _pool(self: nn.Module, x: Tensor, pool_type: Optional[str] = None) -> Tensor:

@@ -61,6 +61,15 @@ def test_match_kernel_random_float_inputs(n, protected):
         assert torch.equal(dest, ops.bipartite_match(metric, r, protected))
 
 
+@pytest.mark.parametrize("n,protected", [(17, 1), (64, 2), (101, 1)])
+def test_match_kernel_drops_sources_like_tofu(n, protected):
+    metric = integer_metric(2, n, 32, torch.float32, seed=n)
+    for r in match_rs(n, protected):
+        dest = torch.full((2, n), -7, dtype=torch.int64)
+        launch_tome_match(metric, r, protected, dest, drop_sources=True)
+        assert torch.equal(dest, ops.bipartite_match(metric, r, protected, drop_sources=True))
+
+
 def test_match_kernel_all_tied():
     metric = torch.ones(3, 21, 32)
     for protected in (0, 1, 3):

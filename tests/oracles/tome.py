@@ -16,8 +16,8 @@ def _dot(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b))
 
 
-def bipartite_match(metric: torch.Tensor, r: int, protected: int) -> torch.Tensor:
-    """``[B, N, d]`` -> ``dest [B, N]``, by the letter of the spec."""
+def bipartite_match(metric: torch.Tensor, r: int, protected: int, drop_sources: bool = False) -> torch.Tensor:
+    """``[B, N, d]`` -> ``dest [B, N]``, by the letter of the spec; ``drop_sources``: ToFu's pruning."""
     batch, n, _ = metric.shape
     out = []
     for b in range(batch):
@@ -41,13 +41,16 @@ def bipartite_match(metric: torch.Tensor, r: int, protected: int) -> torch.Tenso
         order += [j for j in side_b if j >= protected]
         slot = {tok: s for s, tok in enumerate(order)}
         for i in sources:
-            slot[i] = slot[partner[i]]
+            slot[i] = -1 if drop_sources else slot[partner[i]]
         out.append([slot[i] for i in range(n)])
     return torch.tensor(out, dtype=torch.int64)
 
 
-def merge(x, size, dest, n_out, w=None):
-    """Weighted mean per output slot over its members, sizes summed; ``-1`` dropped."""
+def merge(x, size, dest, n_out, w=None, mode="mean"):
+    """Weighted mean per output slot over its members, sizes summed; ``-1`` dropped.
+
+    ``mode="norm_preserving"`` (ToFu's MLERP): the mean's direction, rescaled to the largest norm
+    among the slot's members."""
     batch, n, channels = x.shape
     if size is None:
         size = torch.ones(batch, n, 1, dtype=x.dtype)
@@ -61,7 +64,11 @@ def merge(x, size, dest, n_out, w=None):
             assert members, f"slot {s} of image {b} is empty"
             num = sum(w[b, i, 0] * x[b, i] for i in members)
             den = sum(w[b, i, 0] for i in members)
-            x_out[b, s] = num / den
+            mean = num / den
+            if mode == "norm_preserving":
+                largest = max(float(x[b, i].norm()) for i in members)
+                mean = mean / mean.norm() * largest
+            x_out[b, s] = mean
             size_out[b, s, 0] = sum(size[b, i, 0] for i in members)
     return x_out, size_out
 

@@ -14,7 +14,8 @@ width, ``N0`` tokens entering the first block.
 
 from .attention import attention, attention_extra_dim, attention_flex, combine_masks, log_size_bias
 from .common import IMPLS, SUPPORTED_DTYPES, check_dtype, resolve_impl
-from .matching import bipartite_match, key_metric
+from .dct import dct_truncate
+from .matching import bipartite_match, diffrate_match, key_metric, pitome_match
 from .merge import MERGE_MODES, compose_source, merge, size_weighted_mean
 
 __all__ = [
@@ -25,6 +26,9 @@ __all__ = [
     "resolve_impl",
     "key_metric",
     "bipartite_match",
+    "pitome_match",
+    "diffrate_match",
+    "dct_truncate",
     "merge",
     "compose_source",
     "log_size_bias",

@@ -1,0 +1,52 @@
+"""DiffRate's prune-then-merge one token at a time (METHODS.md, DiffRate; the official weighting)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .tome import _dot, _unit
+
+
+def diffrate_match(x, q, k, size, r, protected, n_dropped=0, scale=None, prop_attn=True):
+    """Returns ``dest [B, N]``, ``w [B, N, 1]`` (all ones) and the sizes to sum ``[B, N, 1]``."""
+    batch, n, _ = x.shape
+    heads, d = q.shape[1], q.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    t = n - protected
+    n_keep, n_src = t - r, r - n_dropped
+    dests, sizes = [], []
+    for b in range(batch):
+        importance = [0.0] * n
+        for h in range(heads):
+            logits = []
+            for j in range(n):
+                v = _dot(q[b, h, 0].tolist(), k[b, h, j].tolist()) * scale
+                if prop_attn and size is not None:
+                    v += math.log(float(size[b, j, 0]))
+                logits.append(v)
+            top = max(logits)
+            weights = [math.exp(v - top) for v in logits]
+            total = sum(weights)
+            for j in range(n):
+                importance[j] += weights[j] / total / heads
+        order = sorted(range(protected, n), key=lambda i: (-importance[i], i))
+        keep, src = order[:n_keep], order[n_keep : n_keep + n_src]
+        dest = list(range(protected)) + [-1] * t
+        scaled = [1.0 if size is None else float(size[b, i, 0]) for i in range(n)]
+        for s, i in enumerate(keep):
+            dest[i] = protected + s
+        unit = {i: _unit(x[b, i].tolist()) for i in keep + src}
+        for i in src:
+            best, where = None, None
+            for s, j in enumerate(keep):  # the first (most important) wins a tie
+                c = _dot(unit[i], unit[j])
+                if best is None or c > best:
+                    best, where = c, s
+            dest[i] = protected + where
+            scaled[i] *= best
+        dests.append(dest)
+        sizes.append(scaled)
+    dest = torch.tensor(dests, dtype=torch.int64)
+    return dest, torch.ones(batch, n, 1, dtype=x.dtype), torch.tensor(sizes, dtype=x.dtype)[..., None]

@@ -1,0 +1,246 @@
+"""PiToMe, ToFu, DCT and DiffRate: ops against their oracles (fp64), properties, model parity."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+import tomec
+from tests.helpers import compile_tomec, images, make_model, reference_of, relative_error, tie_metric
+from tests.oracles import dct as dct_oracle
+from tests.oracles import diffrate as diffrate_oracle
+from tests.oracles import pitome as pitome_oracle
+from tests.oracles import tome as tome_oracle
+from tomec import methods, ops, reference
+from tomec.errors import ConfigError, ScheduleError
+
+SHAPES = [(5, 0), (6, 1), (17, 1), (18, 2), (33, 5), (64, 1)]
+METHODS = ["tome", "tofu", "pitome", "dct", "diffrate"]
+TOLERANCE = 1e-4
+
+
+def rs(n, protected):
+    cap = (n - protected) // 2
+    return sorted({0, 1, cap // 2, cap})
+
+
+# --- PiToMe ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bsm", [True, False])
+@pytest.mark.parametrize("n,protected", SHAPES)
+def test_pitome_equals_oracle(n, protected, bsm):
+    metric = torch.randn(2, n, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    for r in rs(n, protected):
+        for margin in (0.75, 0.3):
+            dest = ops.pitome_match(metric, r, protected, margin=margin, bsm=bsm)
+            assert torch.equal(dest, pitome_oracle.pitome_match(metric, r, protected, margin, bsm)), (r, margin)
+
+
+@pytest.mark.parametrize("bsm", [True, False])
+@pytest.mark.parametrize("n,protected", [(17, 1), (32, 0), (41, 3)])
+def test_pitome_ties_equal_oracle(n, protected, bsm):
+    # 0/1 tokens with four ones: every cosine is a multiple of 1/4, and with margin 0 the ELU stays
+    # linear, so energies and scores are exact and tie everywhere
+    metric = tie_metric(2, n, seed=n)
+    for r in rs(n, protected):
+        dest = ops.pitome_match(metric, r, protected, margin=0.0, bsm=bsm)
+        assert torch.equal(dest, pitome_oracle.pitome_match(metric, r, protected, 0.0, bsm))
+
+
+def test_pitome_schedule_of_variants_and_margins():
+    assert [methods.pitome_uses_bsm(i, 12) for i in range(12)] == [True] * 6 + [False] * 6
+    assert [methods.pitome_uses_bsm(i, 7) for i in range(7)] == [True] * 4 + [False] * 3
+    assert [methods.pitome_uses_bsm(i, 12, bsm_first=False) for i in range(12)] == [False] * 6 + [True] * 6
+    assert methods.pitome_margin(0, 12) == 0.75 and methods.pitome_margin(6, 12) == 0.375
+
+
+# --- ToFu -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,protected", SHAPES)
+def test_tofu_pruning_equals_oracle(n, protected):
+    metric = torch.randn(2, n, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    for r in rs(n, protected):
+        dest = ops.bipartite_match(metric, r, protected, drop_sources=True)
+        assert torch.equal(dest, tome_oracle.bipartite_match(metric, r, protected, drop_sources=True))
+        assert (dest == -1).sum(1).eq(r).all()
+        kept = ops.bipartite_match(metric, r, protected)
+        assert torch.equal(torch.where(dest >= 0, dest, kept), kept)  # the other slots stay
+
+
+@pytest.mark.parametrize("n,r,protected", [(17, 8, 1), (40, 12, 2)])
+def test_norm_preserving_merge_equals_oracle(n, r, protected):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2, n, 6, dtype=torch.float64, generator=g)
+    size = torch.randint(1, 4, (2, n, 1), generator=g).double()
+    dest = ops.bipartite_match(torch.randn(2, n, 8, dtype=torch.float64, generator=g), r, protected)
+    out, size_out = ops.merge(x, size, dest, n - r, mode="norm_preserving")
+    ref, size_ref = tome_oracle.merge(x, size, dest, n - r, mode="norm_preserving")
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(size_out, size_ref)
+
+
+# --- DCT ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,n_out,protected", [(5, 3, 0), (17, 9, 1), (20, 20, 2), (33, 2, 1), (64, 40, 5)])
+def test_dct_equals_oracle(n, n_out, protected):
+    x = torch.randn(2, n, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    out = ops.dct_truncate(x, n_out, protected)
+    torch.testing.assert_close(out, dct_oracle.dct_truncate(x, n_out, protected), rtol=1e-12, atol=1e-12)
+    assert torch.equal(out[:, :protected], x[:, :protected])
+
+
+def test_dct_properties():
+    x = torch.randn(2, 30, 5, dtype=torch.float64)
+    torch.testing.assert_close(ops.dct_truncate(x, 30, 1), x)  # nothing removed: the identity
+    const = torch.ones(2, 30, 5, dtype=torch.float64)  # a constant signal keeps its energy
+    low = ops.dct_truncate(const, 11, 1)[:, 1:]
+    torch.testing.assert_close((low**2).sum(1), (const[:, 1:] ** 2).sum(1))
+    half = ops.dct_truncate(x.half(), 20, 1)
+    assert half.dtype == torch.float16  # computed in fp32, returned in the input dtype
+    torch.testing.assert_close(half.double(), ops.dct_truncate(x, 20, 1), atol=2e-2, rtol=2e-2)
+
+
+# --- DiffRate -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,protected", [(6, 1), (17, 1), (18, 2), (33, 5)])
+@pytest.mark.parametrize("with_size", [False, True])
+def test_diffrate_equals_oracle(n, protected, with_size):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2, n, 10, dtype=torch.float64, generator=g)
+    q, k = (torch.randn(2, 3, n, 8, dtype=torch.float64, generator=g) for _ in range(2))
+    size = torch.randint(1, 5, (2, n, 1), generator=g).double() if with_size else None
+    t = n - protected
+    for r, n_dropped in [(0, 0), (1, 0), (t // 2, 0), (t - 1, 0), (t // 2, 1), (t // 2, t // 2)]:
+        got = ops.diffrate_match(x, q, k, size, r, protected, n_dropped=n_dropped)
+        want = diffrate_oracle.diffrate_match(x, q, k, size, r, protected, n_dropped=n_dropped)
+        assert torch.equal(got[0], want[0]), (r, n_dropped)
+        assert torch.equal(got[1], want[1])
+        torch.testing.assert_close(got[2], want[2], rtol=1e-12, atol=1e-12)
+        assert (got[0] == -1).sum(1).eq(n_dropped).all()
+
+
+def test_diffrate_needs_a_class_token():
+    x, q = torch.randn(1, 9, 8), torch.randn(1, 2, 9, 4)
+    with pytest.raises(ConfigError, match="needs protect >= 1"):
+        ops.diffrate_match(x, q, q, None, 3, 0)
+
+
+def test_diffrate_kept_schedule(tmp_path):
+    kept = {"prune_kept": [101, 101, 90, 80, 80, 70], "merge_kept": [101, 95, 85, 80, 70, 60]}
+    path = tmp_path / "kept.json"
+    path.write_text(json.dumps(kept))
+    config = tomec.TomecConfig(method="diffrate", method_options={"kept": str(path)})
+    assert config.resolve_schedule(6, 101, 1) == [0, 6, 10, 5, 10, 10]
+    plans = [config.method_spec.layer_merge(i, 6, r, config.method_options)
+             for i, r in enumerate([0, 6, 10, 5, 10, 10])]
+    assert [p.n_dropped for p in plans] == [0, 0, 5, 5, 0, 0]  # blocks 2 and 3 prune 95->90, 85->80
+    with pytest.raises(ConfigError, match="drop r= / schedule="):
+        tomec.backend(method="diffrate", r=10, kept=kept)
+    with pytest.raises(ConfigError, match="does not exist"):
+        tomec.backend(method="diffrate", kept=str(tmp_path / "missing.json"))
+    with pytest.raises(ConfigError, match="'prune_kept' and 'merge_kept'"):
+        tomec.backend(method="diffrate", kept={"merge_kept": [1]})
+    with pytest.raises(ScheduleError, match="6 entries but the model has 12"):
+        config.resolve_schedule(12, 197, 1)
+
+
+# --- every method ---------------------------------------------------------------------------------
+
+
+def test_unknown_options_list_the_valid_ones():
+    with pytest.raises(ConfigError, match="method 'pitome' has no option 'margn'; its options are: bsm_first, margin"):
+        tomec.backend(method="pitome", r=10, margn=0.3)
+    with pytest.raises(ConfigError, match="bsm_first must be True or False"):
+        tomec.backend(method="pitome", r=10, bsm_first="yes")
+    with pytest.raises(ConfigError, match="does not support source tracking"):
+        tomec.backend(method="dct", r=10, trace_source=True)
+
+
+@pytest.mark.parametrize("method", ["tome", "tofu", "pitome", "diffrate"])
+def test_properties_of_the_merge_step(method):
+    """Sizes sum to the patches kept, protected tokens stay first and unchanged, sources agree."""
+    g = torch.Generator().manual_seed(3)
+    n, protected, heads = 41, 2, 4
+    x = torch.randn(3, n, 16, generator=g)
+    keys, queries = (torch.randn(3, heads, n, 8, generator=g) for _ in range(2))
+    size, source, total = None, None, n
+    for layer, r in enumerate([10, 8, 5]):
+        plan = methods.get(method).layer_merge(layer, 6, r, methods.get(method).check_options({}))
+        x, size, source = methods.merge_step(
+            x, size, source, keys[:, :, : x.shape[1]], queries[:, :, : x.shape[1]], method=method,
+            r=r, protected=protected, layer=layer, num_layers=6, trace_source=True,
+            options=methods.get(method).check_options({}),
+        )
+        total -= plan.n_dropped
+        assert x.shape[1] == size.shape[1]
+        assert torch.equal(source[:, :protected], torch.arange(protected).expand(3, protected))
+        for b in range(3):  # a source entry per original token kept; counts agree with sizes
+            counts = torch.bincount(source[b][source[b] >= 0], minlength=x.shape[1]).float()
+            assert (counts >= 1).all() and counts.sum() == total
+            if method != "diffrate":  # DiffRate's sizes are similarity-weighted, not counts
+                assert torch.equal(counts, size[b, :, 0])
+
+
+@pytest.mark.parametrize(
+    "method,name,fused,batch",
+    [
+        (m, name, fused, batch)
+        for m in ["tofu", "pitome", "dct", "diffrate"]
+        for name, fused, batch in itertools.product(["test_vit", "deit_tiny_patch16_224"], [True, False], [1, 4])
+    ],
+)
+def test_model_parity_eager_compiler(method, name, fused, batch):
+    model = make_model(name, fused)
+    x = images(name, batch)
+    r = 40 if name == "test_vit" else 80
+    compiled, be = compile_tomec(model, method=method, r=r, compiler="eager",
+                                 trace_source=methods.get(method).supports_source)
+    ref = reference_of(model, method=method, r=r, trace_source=methods.get(method).supports_source)
+    with torch.no_grad():
+        out, expect, plain = compiled(x), ref(x), model(x)
+    st = reference.state(ref)
+    assert be.schedule == st.schedule and sum(be.schedule) == r
+    expected_tokens = [st.tokens_per_block[0] - sum(be.schedule[:i]) for i in range(len(be.schedule))]
+    assert be.tokens_per_block == st.tokens_per_block == expected_tokens
+    assert relative_error(out, expect) <= TOLERANCE
+    assert relative_error(out, plain) > 100 * TOLERANCE
+    if methods.get(method).supports_source:
+        assert torch.equal(be.last_info["source"], st.source)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_r0_equals_unmerged(method):
+    model = make_model("test_vit")
+    x = images("test_vit", 2)
+    compiled, be = compile_tomec(model, method=method, r=0, compiler="eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(x), model(x))
+    assert be.schedule == [0] * 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["tofu", "pitome", "dct", "diffrate"])
+def test_model_parity_inductor(method):
+    model = make_model("test_vit")
+    x = images("test_vit", 4)
+    compiled, be = compile_tomec(model, method=method, r=40)
+    ref = reference_of(model, method=method, r=40)
+    with torch.no_grad():
+        assert relative_error(compiled(x), ref(x)) <= TOLERANCE
+    assert be.tokens_per_block == reference.state(ref).tokens_per_block
+
+
+def test_keep_ratio_schedule_with_pitome():
+    model = make_model("deit_tiny_patch16_224")
+    compiled, be = compile_tomec(model, method="pitome", schedule=tomec.schedule.keep_ratio(0.9),
+                                 compiler="eager", prop_attn=False)
+    with torch.no_grad():
+        compiled(images("deit_tiny_patch16_224", 1))
+    assert be.schedule == [19, 17, 16, 14, 13, 11, 10, 9, 8, 7, 7, 6]  # PiToMe's own numbers
