@@ -13,6 +13,8 @@ import tomec
 from tomec import reference
 
 IMAGE_SIZE = {"test_vit": 160, "deit_tiny_patch16_224": 224}
+TOLERANCE = 1e-4  # max abs error relative to the logits' scale (fp32)
+R = {"test_vit": 40, "deit_tiny_patch16_224": 80}
 
 
 def make_model(name: str = "test_vit", fused: bool = True, seed: int = 0, **kwargs: Any) -> nn.Module:
@@ -90,3 +92,29 @@ def trace(model, x):
     with torch.no_grad():
         torch.compile(model, backend=capture, fullgraph=True)(x)
     return captured["gm"], captured["inputs"]
+
+
+def check_parity(name, fused, batch, prop_attn=True, compiler="eager", method="tome", r=None,
+                 trace_source=False, **kwargs):
+    """Compiled tomec against the eager reference on a random-weight model: schedule, tokens per
+    block, logits within TOLERANCE, the merge really changes the answer, equal source maps."""
+    model = make_model(name, fused)
+    x = images(name, batch)
+    r = R[name] if r is None else r
+    compiled, be = compile_tomec(model, method=method, r=r, prop_attn=prop_attn, compiler=compiler,
+                                 trace_source=trace_source, **kwargs)
+    ref = reference_of(model, method=method, r=r, prop_attn=prop_attn, trace_source=trace_source)
+    with torch.no_grad():
+        out, expect, plain = compiled(x), ref(x), model(x)
+    st = reference.state(ref)
+    assert be.schedule == st.schedule and sum(be.schedule) == r
+    # tokens entering each block: the rewritten graph's shapes, the reference's, the schedule's
+    expected_tokens = [st.tokens_per_block[0] - sum(be.schedule[:i]) for i in range(len(be.schedule))]
+    assert be.tokens_per_block == st.tokens_per_block == expected_tokens
+    err = relative_error(out, expect)
+    assert err <= TOLERANCE, f"relative error {err:.2e} against the reference"
+    if r > 0:  # the merge is really there: the unmerged model answers differently
+        assert relative_error(out, plain) > 100 * TOLERANCE
+    if trace_source:
+        assert torch.equal(be.last_info["source"], st.source)
+    return model, compiled, be, ref, x

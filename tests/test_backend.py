@@ -15,31 +15,17 @@ import pytest
 import torch
 
 import tomec
-from tests.helpers import compile_tomec, images, make_model, reference_of, relative_error
+from tests.helpers import (
+    TOLERANCE,
+    check_parity,
+    compile_tomec,
+    images,
+    make_model,
+    reference_of,
+    relative_error,
+)
 from tomec import reference
 
-TOLERANCE = 1e-4  # max abs error relative to the logits' scale (fp32)
-R = {"test_vit": 40, "deit_tiny_patch16_224": 80}
-
-
-def check_parity(name, fused, batch, prop_attn, compiler, r=None, **kwargs):
-    model = make_model(name, fused)
-    x = images(name, batch)
-    r = R[name] if r is None else r
-    compiled, be = compile_tomec(model, method="tome", r=r, prop_attn=prop_attn, compiler=compiler, **kwargs)
-    ref = reference_of(model, method="tome", r=r, prop_attn=prop_attn)
-    with torch.no_grad():
-        out, expect, plain = compiled(x), ref(x), model(x)
-    st = reference.state(ref)
-    assert be.schedule == st.schedule and sum(be.schedule) == r
-    # tokens entering each block: the rewritten graph's shapes, the reference's, the schedule's
-    expected_tokens = [st.tokens_per_block[0] - sum(be.schedule[:i]) for i in range(len(be.schedule))]
-    assert be.tokens_per_block == st.tokens_per_block == expected_tokens
-    err = relative_error(out, expect)
-    assert err <= TOLERANCE, f"relative error {err:.2e} against the reference"
-    if r > 0:  # the merge is really there: the unmerged model answers differently
-        assert relative_error(out, plain) > 100 * TOLERANCE
-    return model, compiled, be, ref, x
 
 
 @pytest.mark.parametrize(

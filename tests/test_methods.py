@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tomec
-from tests.helpers import compile_tomec, images, make_model, reference_of, relative_error, tie_metric
+from tests.helpers import check_parity, compile_tomec, images, make_model, tie_metric
 from tests.oracles import dct as dct_oracle
 from tests.oracles import diffrate as diffrate_oracle
 from tests.oracles import pitome as pitome_oracle
@@ -19,7 +19,6 @@ from tomec.errors import ConfigError, ScheduleError
 
 SHAPES = [(5, 0), (6, 1), (17, 1), (18, 2), (33, 5), (64, 1)]
 METHODS = ["tome", "tofu", "pitome", "dct", "diffrate"]
-TOLERANCE = 1e-4
 
 
 def rs(n, protected):
@@ -197,22 +196,7 @@ def test_properties_of_the_merge_step(method):
     ],
 )
 def test_model_parity_eager_compiler(method, name, fused, batch):
-    model = make_model(name, fused)
-    x = images(name, batch)
-    r = 40 if name == "test_vit" else 80
-    compiled, be = compile_tomec(model, method=method, r=r, compiler="eager",
-                                 trace_source=methods.get(method).supports_source)
-    ref = reference_of(model, method=method, r=r, trace_source=methods.get(method).supports_source)
-    with torch.no_grad():
-        out, expect, plain = compiled(x), ref(x), model(x)
-    st = reference.state(ref)
-    assert be.schedule == st.schedule and sum(be.schedule) == r
-    expected_tokens = [st.tokens_per_block[0] - sum(be.schedule[:i]) for i in range(len(be.schedule))]
-    assert be.tokens_per_block == st.tokens_per_block == expected_tokens
-    assert relative_error(out, expect) <= TOLERANCE
-    assert relative_error(out, plain) > 100 * TOLERANCE
-    if methods.get(method).supports_source:
-        assert torch.equal(be.last_info["source"], st.source)
+    check_parity(name, fused, batch, method=method, trace_source=methods.get(method).supports_source)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -228,13 +212,7 @@ def test_r0_equals_unmerged(method):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["tofu", "pitome", "dct", "diffrate"])
 def test_model_parity_inductor(method):
-    model = make_model("test_vit")
-    x = images("test_vit", 4)
-    compiled, be = compile_tomec(model, method=method, r=40)
-    ref = reference_of(model, method=method, r=40)
-    with torch.no_grad():
-        assert relative_error(compiled(x), ref(x)) <= TOLERANCE
-    assert be.tokens_per_block == reference.state(ref).tokens_per_block
+    check_parity("test_vit", True, 4, method=method, compiler="inductor")
 
 
 def test_keep_ratio_schedule_with_pitome():
