@@ -96,7 +96,6 @@ def insert_merges(gm: GraphModule, plan: Plan, config: TomecConfig, device_type:
     attn_impl = _prop_attn_impl(config, device_type)
     state = Inserted(attention_impl=attn_impl)
     bias: Optional[Node] = None
-    num_layers = len(plan.blocks)
 
     for block, r, n_in in zip(plan.blocks, plan.schedule, plan.tokens_in):
         if state.size is not None and config.prop_attn:

@@ -29,6 +29,21 @@ def test_match_kernel_gpu(n, d, protected, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bsm", [True, False])
+@pytest.mark.parametrize("n,protected", [(197, 1), (577, 1)])
+def test_pitome_kernel_gpu(n, protected, bsm, dtype):
+    g = torch.Generator().manual_seed(n)
+    keys = torch.zeros(8, 1, n, 64)
+    for b in range(8):  # exact cosines, exact energies with margin 0: ties decided identically
+        for i in range(n):
+            keys[b, 0, i, torch.randperm(16, generator=g)[:4]] = 1.0
+    keys = keys.to("cuda", dtype)
+    for r in (1, (n - protected) // 4, (n - protected) // 2):
+        fast = ops.pitome_match(keys, r, protected, margin=0.0, bsm=bsm, impl="triton")
+        assert torch.equal(fast, ops.pitome_match(keys, r, protected, margin=0.0, bsm=bsm))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["mean", "norm_preserving"])
 @pytest.mark.parametrize("n,n_out,n_dropped,channels", [(197, 150, 0, 384), (577, 300, 30, 768), (1025, 512, 0, 1024)])
 def test_merge_kernel_gpu(n, n_out, n_dropped, channels, dtype, mode):
@@ -46,14 +61,15 @@ def test_merge_kernel_gpu(n, n_out, n_dropped, channels, dtype, mode):
     assert torch.equal(fast, again)  # deterministic
 
 
+@pytest.mark.parametrize("method", ["tome", "tofu", "pitome", "dct", "diffrate"])
 @pytest.mark.parametrize("name", ["test_vit", "deit_tiny_patch16_224"])
 @pytest.mark.parametrize("fused", [True, False])
-def test_model_parity_gpu_fp32(name, fused):
+def test_model_parity_gpu_fp32(name, fused, method):
     model = make_model(name, fused).cuda()
     x = images(name, 4).cuda()
     r = 40 if name == "test_vit" else 80
-    compiled, be = compile_tomec(model, r=r)
-    ref = reference_of(model, method="tome", r=r)
+    compiled, be = compile_tomec(model, method=method, r=r)
+    ref = reference_of(model, method=method, r=r)
     with torch.no_grad():
         out, expect = compiled(x), ref(x)
     assert be.schedule == reference.state(ref).schedule

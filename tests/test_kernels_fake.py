@@ -33,6 +33,9 @@ def test_fake_functions_on_cuda(dtype):
             out, size_out = torch.ops.tomec.merge(x, size, dest, 177, None, mode)
             assert (out.shape, out.dtype, out.device.type) == ((4, 177, 384), dtype, "cuda")
             assert (size_out.shape, size_out.dtype) == ((4, 177, 1), dtype)
+        for bsm in (True, False):
+            pitome = torch.ops.tomec.pitome_match(metric, 20, 1, 0.5, bsm)
+            assert (pitome.shape, pitome.dtype, pitome.device.type) == ((4, 197), torch.int64, "cuda")
         source = torch.ops.tomec.compose_source(dest, dest)
         assert (source.shape, source.dtype) == ((4, 197), torch.int64)
         # and through the op layer, as the passes call it
@@ -110,3 +113,13 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(tomec.ConfigError, match="TRITON_INTERPRET=1"):
         ops.bipartite_match(torch.randn(1, 9, 8), 2, 1, impl="triton")
+
+
+@pytest.mark.parametrize("method,op", [("pitome", "tomec.pitome_match.default"), ("tofu", "tomec.merge.default")])
+def test_other_methods_reach_their_kernels_on_cuda(method, op):
+    gm, inputs = trace(make_model("test_vit"), images("test_vit", 2))
+    inputs, mode = _to_fake_cuda(gm, inputs)
+    result = rewrite(gm, inputs, TomecConfig(method=method, r=30, compiler="eager"))
+    with mode:
+        aten = make_fx(result.gm)(*inputs)
+    assert op in {str(n.target) for n in aten.graph.nodes if n.op == "call_function"}

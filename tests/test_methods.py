@@ -14,7 +14,7 @@ from tests.oracles import dct as dct_oracle
 from tests.oracles import diffrate as diffrate_oracle
 from tests.oracles import pitome as pitome_oracle
 from tests.oracles import tome as tome_oracle
-from tomec import methods, ops, reference
+from tomec import methods, ops
 from tomec.errors import ConfigError, ScheduleError
 
 SHAPES = [(5, 0), (6, 1), (17, 1), (18, 2), (33, 5), (64, 1)]

@@ -6,7 +6,6 @@ import logging
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-import torch
 from torch.fx import GraphModule
 
 from .config import TomecConfig

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -19,6 +19,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from tomec.kernels.match import launch_tome_match  # noqa: E402
 from tomec.kernels.merge import MODES, launch_compose_source, launch_merge  # noqa: E402
+from tomec.kernels.pitome import launch_pitome_match  # noqa: E402
 from tests.helpers import random_map  # noqa: E402
 from tomec import ops  # noqa: E402
 
@@ -68,6 +69,38 @@ def test_match_kernel_drops_sources_like_tofu(n, protected):
         dest = torch.full((2, n), -7, dtype=torch.int64)
         launch_tome_match(metric, r, protected, dest, drop_sources=True)
         assert torch.equal(dest, ops.bipartite_match(metric, r, protected, drop_sources=True))
+
+
+PITOME_SHAPES = [(6, 32, 1), (17, 64, 1), (33, 80, 2), (64, 32, 0), (101, 64, 1), (198, 64, 5)]
+
+
+@pytest.mark.parametrize("bsm", [True, False])
+@pytest.mark.parametrize("n,d,protected", PITOME_SHAPES)
+def test_pitome_kernel_equals_torch_on_ties(n, d, protected, bsm):
+    # 0/1 keys with four ones of 16 per head-sum: exact cosines; margin 0 keeps the ELU linear,
+    # so energies tie exactly in both implementations
+    g = torch.Generator().manual_seed(n)
+    keys = torch.zeros(2, 1, n, d)
+    for b in range(2):
+        for i in range(n):
+            keys[b, 0, i, torch.randperm(16, generator=g)[:4]] = 1.0
+    for r in match_rs(n, protected)[1:]:
+        dest = torch.full((2, n), -7, dtype=torch.int64)
+        launch_pitome_match(keys, r, protected, 0.0, bsm, dest)
+        assert (dest != -7).all()
+        assert torch.equal(dest, ops.pitome_match(keys, r, protected, margin=0.0, bsm=bsm)), r
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bsm", [True, False])
+@pytest.mark.parametrize("n,d,protected", [(17, 64, 1), (64, 32, 2), (197, 64, 1)])
+def test_pitome_kernel_equals_torch_on_keys(n, d, protected, bsm, dtype):
+    keys = torch.randn(2, 4, n, d, generator=torch.Generator().manual_seed(n)).to(dtype)
+    for r in match_rs(n, protected)[1:]:
+        for margin in (0.75, 0.25):
+            dest = torch.full((2, n), -7, dtype=torch.int64)
+            launch_pitome_match(keys, r, protected, margin, bsm, dest)
+            assert torch.equal(dest, ops.pitome_match(keys, r, protected, margin=margin, bsm=bsm))
 
 
 def test_match_kernel_all_tied():
