@@ -125,6 +125,22 @@ def test_diffrate_equals_oracle(n, protected, with_size):
         assert (got[0] == -1).sum(1).eq(n_dropped).all()
 
 
+def test_diffrate_ties_equal_oracle():
+    # a zero CLS query attends uniformly: every importance ties; tokens with four ones of 16 have
+    # exact cosines (multiples of 1/4), and repeat, so similarities tie too
+    g = torch.Generator().manual_seed(0)
+    n, protected = 21, 1
+    x = tie_metric(2, 5, seed=0)[:, torch.randint(0, 5, (n,), generator=g)]
+    q = torch.randn(2, 2, n, 4, dtype=torch.float64, generator=g)
+    q[:, :, 0] = 0.0
+    k = torch.randn(2, 2, n, 4, dtype=torch.float64, generator=g)
+    for r, n_dropped in [(5, 0), (10, 3), (19, 0)]:
+        got = ops.diffrate_match(x, q, k, None, r, protected, n_dropped=n_dropped)
+        want = diffrate_oracle.diffrate_match(x, q, k, None, r, protected, n_dropped=n_dropped)
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[2], want[2], rtol=1e-12, atol=1e-12)
+
+
 def test_diffrate_needs_a_class_token():
     x, q = torch.randn(1, 9, 8), torch.randn(1, 2, 9, 4)
     with pytest.raises(ConfigError, match="needs protect >= 1"):
@@ -170,6 +186,7 @@ def test_properties_of_the_merge_step(method):
     x = torch.randn(3, n, 16, generator=g)
     keys, queries = (torch.randn(3, heads, n, 8, generator=g) for _ in range(2))
     size, source, total = None, None, n
+    prefix = x[:, :protected].clone()
     for layer, r in enumerate([10, 8, 5]):
         plan = methods.get(method).layer_merge(layer, 6, r, methods.get(method).check_options({}))
         x, size, source = methods.merge_step(
@@ -179,6 +196,7 @@ def test_properties_of_the_merge_step(method):
         )
         total -= plan.n_dropped
         assert x.shape[1] == size.shape[1]
+        torch.testing.assert_close(x[:, :protected], prefix)  # protected: first and unchanged
         assert torch.equal(source[:, :protected], torch.arange(protected).expand(3, protected))
         for b in range(3):  # a source entry per original token kept; counts agree with sizes
             counts = torch.bincount(source[b][source[b] >= 0], minlength=x.shape[1]).float()
