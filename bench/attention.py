@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from timing import time_cpu, time_cuda
+from tomec.bench.timing import time_cpu, time_cuda
 from tomec import ops
 
 HEADS = {"deit_s": (6, 64), "vit_b": (12, 64), "vit_l": (16, 64)}

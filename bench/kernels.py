@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from timing import time_cpu, time_cuda
+from tomec.bench.timing import time_cpu, time_cuda
 from tomec import kernels, ops
 
 # name: (tokens, width, heads); r: tokens one ToMe layer removes at r=13-per-layer settings

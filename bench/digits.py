@@ -1,0 +1,194 @@
+"""An offline study on real data: a small ViT trained on scikit-learn's handwritten digits.
+
+scikit-learn ships 1,797 real 8×8 digit scans. Upsampled (bilinear) to 16×16 and cut into 2×2
+patches, each gives 64 patch tokens plus CLS to a 6-block ViT (one token per scanned pixel, with its
+neighbourhood's slope: single-pixel tokens train poorly on so little data), trained here on 80% of them (seeded, CPU, about a minute), its weights kept in the
+repository in fp16 (``bench/digits/vit_digits.pt``). The study evaluates it on the other 20%
+unmerged and with every method over a range of ``r``, through the compiled backend, and plots
+accuracy against throughput (a Pareto plot).
+
+    tomec digits train      # regenerate the checkpoint
+    tomec digits study      # bench/results/digits.{csv,json,png}
+
+``ACCURACY_BOUND`` is the documented bound the tests hold every method to at ``MODERATE_R``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import tomec
+from tomec import methods
+
+CHECKPOINT = Path(__file__).resolve().parent / "digits" / "vit_digits.pt"
+RESULTS = Path(__file__).resolve().parent / "results"
+MODERATE_R = 24  # of 64 patch tokens over 6 blocks
+ACCURACY_BOUND = 0.05  # every method at MODERATE_R stays within 5 points of the unmerged model
+MIN_UNMERGED_ACCURACY = 0.95
+
+
+def digits_model() -> torch.nn.Module:
+    """The study's ViT: 16×16 single-channel input, 2×2 patches (64 tokens), 6 blocks of width 64."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=6, num_heads=4,
+        mlp_ratio=2.0,
+    )
+
+
+def digits_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train and test splits (80/20, fixed), images ``[N, 1, 16, 16]`` (the 8×8 scans upsampled),
+    labels ``[N]``."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.interpolate(x, size=16, mode="bilinear", align_corners=False)
+    y = torch.tensor(digits.target, dtype=torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    split = int(0.8 * len(y))
+    train, test = order[:split], order[split:]
+    return x[train], y[train], x[test], y[test]
+
+
+def load_trained(path: Path = CHECKPOINT) -> torch.nn.Module:
+    """The trained study model (fp32, eval mode)."""
+    model = digits_model()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.eval()
+
+
+def train(epochs: int = 60, out: Path = CHECKPOINT, seed: int = 0) -> float:
+    """Train the study model (seeded); save fp16 weights; return test accuracy."""
+    torch.manual_seed(seed)
+    x, y, x_test, y_test = digits_data()
+    model = digits_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+    steps = epochs * ((len(y) + 63) // 64)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    g = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(epochs), desc="train"):
+        model.train()
+        perm = torch.randperm(len(y), generator=g)
+        for i in range(0, len(y), 64):
+            idx = perm[i : i + 64]
+            shift = torch.randint(-1, 2, (2,), generator=g).tolist()  # jitter by half a scanned pixel
+            batch = torch.roll(x[idx], shifts=shift, dims=(2, 3))
+            loss = F.cross_entropy(model(batch), y[idx], label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(x_test).argmax(-1) == y_test).float().mean().item()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, out)
+    print(f"test accuracy {accuracy:.4f}; wrote {out}")
+    return accuracy
+
+
+def accuracy_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(-1) == y).float().mean().item()
+
+
+def study(
+    method_names: Optional[Sequence[str]] = None,
+    rs: Sequence[int] = (0, 8, 16, 24, 32, 40),
+    compiler: str = "inductor",
+    rounds: int = 5,
+    out: Path = RESULTS,
+) -> list[dict[str, Any]]:
+    """Accuracy and throughput of the compiled backend for every method and ``r``; writes
+    ``digits.csv``, ``digits.json`` and the Pareto plot ``digits.png`` under ``out``."""
+    model = load_trained()
+    _, _, x_test, y_test = digits_data()
+    rows = []
+    names = list(method_names or methods.available())
+    cases = [("unmerged", 0)] + [(m, r) for m in names for r in rs if r > 0]
+    for name, r in tqdm(cases, desc="digits study"):
+        torch._dynamo.reset()
+        if name == "unmerged":
+            fn = torch.compile(model) if compiler == "inductor" else model
+        else:
+            fn = torch.compile(model, backend=tomec.backend(method=name, r=r, compiler=compiler))
+        with torch.no_grad():
+            accuracy = accuracy_of(fn, x_test, y_test)
+            times = []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                fn(x_test)
+                times.append(time.perf_counter() - start)
+        rows.append({"method": name, "r": r, "accuracy": accuracy,
+                     "images_per_s": len(y_test) / statistics.median(times)})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "digits.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    meta = {"machine": platform.node(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "compiler": compiler, "test_images": len(y_test)}
+    (out / "digits.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    pareto_plot(rows, out / "digits.png")
+    return rows
+
+
+def pareto_plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    base = next(r for r in rows if r["method"] == "unmerged")
+    ax.scatter([base["images_per_s"]], [base["accuracy"]], color="k", zorder=3, label="unmerged")
+    for name in sorted({r["method"] for r in rows} - {"unmerged"}):
+        pts = sorted((r["images_per_s"], r["accuracy"], r["r"]) for r in rows if r["method"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+        for px, py, r in pts:
+            ax.annotate(str(r), (px, py), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.set(xlabel="images/s (compiled, CPU)", ylabel="test accuracy",
+           title="digits ViT: accuracy against throughput (labels: r)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="tomec digits", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--epochs", type=int, default=60)
+    s = sub.add_parser("study")
+    s.add_argument("--methods", default=None)
+    s.add_argument("--r", default="8,16,24,32,40")
+    s.add_argument("--compiler", choices=("inductor", "eager"), default="inductor")
+    s.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        train(args.epochs)
+    else:
+        rows = study(args.methods.split(",") if args.methods else None,
+                     [int(v) for v in args.r.split(",")], args.compiler, out=Path(args.out))
+        for row in rows:
+            print(f"{row['method']:10}{row['r']:>4}  accuracy {row['accuracy']:.4f}  {row['images_per_s']:9.0f} img/s")
+
+
+if __name__ == "__main__":
+    main()

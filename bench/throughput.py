@@ -1,0 +1,302 @@
+"""Throughput: tomec against the unmerged model and the eager reference patch, eager and compiled.
+
+For every model × method × r × batch × dtype, five providers are built in one process: ``eager`` (the
+unmerged model), ``inductor`` (the unmerged model under ``torch.compile``), ``reference`` (the eager
+reference patch), ``reference_inductor`` (that patch under ``torch.compile``) and ``tomec``
+(``torch.compile(model, backend=tomec.backend(...))``). Compile time is the first call, reported
+apart; steady state is measured in interleaved rounds (every provider once per round), as medians
+with the 20th-80th percentile spread. CPU timing uses ``time.perf_counter`` with the thread count
+fixed and printed; CUDA timing uses CUDA events.
+
+Per row: images/s, speedups over each baseline, MACs per image from the resolved schedule, the
+ideal speedup (MAC ratio), the share of it reached over the unmerged Inductor model, peak memory
+(CUDA: allocator peak; CPU: rise of the resident high-water mark during one call). Results go to
+``bench/results/throughput-<device>.csv`` / ``.json`` with the machine, torch, Triton and GPU names,
+and a figure of speedup against r per method with the ideal line.
+
+    tomec bench --models deit_small_patch16_224 --methods tome --r 156 --inflect 0 --batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+import tomec
+from tomec import reference
+from tomec.flops import flops_report
+
+PROVIDERS = ("eager", "inductor", "reference", "reference_inductor", "tomec")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _meta(device: str) -> dict[str, Any]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    return {
+        "machine": platform.node(), "device": _device_name(device), "cpu": platform.processor(),
+        "torch": torch.__version__, "triton": triton_version, "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+    }
+
+
+def _timer(device: str) -> Callable[[Callable[[], Any]], float]:
+    if device == "cuda":
+        def run(fn: Callable[[], Any]) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+    else:
+        def run(fn: Callable[[], Any]) -> float:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+    return run
+
+
+def _proc_status_kb(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _return_freed_memory() -> None:
+    """glibc: serve blocks over 64 KiB by mmap and unmap them on free (no caching in the heap)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (fixed: no dynamic raising)
+        libc.mallopt(-1, 1 << 16)  # M_TRIM_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: str) -> Optional[float]:
+    """Memory one call needs above what was held before it.
+
+    CUDA: the allocator's peak. CPU: the rise of the process's resident high-water mark (``VmHWM``,
+    reset through ``/proc/self/clear_refs``), with glibc told to hand large blocks back to the system
+    on free, so that the resident size follows what is live (None where ``/proc`` is missing).
+    Call it after timing: the allocator setting slows large allocations a little.
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    _return_freed_memory()
+    fn()
+    before = _proc_status_kb("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return None
+    fn()
+    peak = _proc_status_kb("VmHWM")
+    return None if before is None or peak is None else max(peak - before, 0) / 1024
+
+
+def build_providers(
+    model: torch.nn.Module, method: str, r: int, providers: Sequence[str], **options: Any
+) -> tuple[dict[str, Callable], dict[str, tomec.TomecBackend]]:
+    """Callables for each provider (compiled lazily by torch.compile on their first call)."""
+    built, backends = {}, {}
+    for name in providers:
+        if name == "eager":
+            built[name] = model
+        elif name == "inductor":
+            built[name] = torch.compile(copy.deepcopy(model), fullgraph=True)
+        elif name == "reference":
+            built[name] = reference.patch(copy.deepcopy(model), method, r=r, **options)
+        elif name == "reference_inductor":
+            patched = reference.patch(copy.deepcopy(model), method, r=r, **options)
+            built[name] = torch.compile(patched, fullgraph=True)
+        elif name == "tomec":
+            backends[name] = tomec.backend(method=method, r=r, **options)
+            built[name] = torch.compile(copy.deepcopy(model), backend=backends[name], fullgraph=True)
+        else:
+            raise ValueError(f"unknown provider {name!r}; known: {PROVIDERS}")
+    return built, backends
+
+
+def measure(
+    model_name: str, method: str, r: int, batch: int, dtype: torch.dtype, device: str,
+    rounds: int = 5, reps: int = 2, inflect: float = -0.5, providers: Sequence[str] = PROVIDERS,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """One row per provider for one configuration (see the module docstring)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False).eval().to(device, dtype)
+    side = model.pretrained_cfg["input_size"][-1]
+    x = torch.randn(batch, 3, side, side, device=device, dtype=dtype)
+    macs = flops_report(model, method=method, r=r, inflect=inflect, **options)
+    fns, _ = build_providers(model, method, r, providers, inflect=inflect, **options)
+    timer = _timer(device)
+    compile_s, times, memory = {}, {name: [] for name in fns}, {}
+    with torch.inference_mode():
+        for name, fn in fns.items():
+            compile_s[name] = timer(lambda: fn(x))
+            fn(x)  # warm
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                times[name].append(timer(lambda: [fn(x) for _ in range(reps)]) / reps)
+        for name, fn in fns.items():  # after timing: the CPU measure changes allocator settings
+            memory[name] = peak_memory_mb(lambda: fn(x), device)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    rows = []
+    for name, ts in times.items():
+        ts = sorted(ts)
+        row = {
+            "model": model_name, "method": method, "r": r, "inflect": inflect, "batch": batch,
+            "dtype": str(dtype).replace("torch.", ""), "device": device, "provider": name,
+            "images_per_s": batch / medians[name],
+            "images_per_s_p20": batch / ts[(4 * len(ts)) // 5],
+            "images_per_s_p80": batch / ts[len(ts) // 5],
+            "ms_per_batch": medians[name] * 1e3, "compile_s": compile_s[name],
+            "gmacs_per_image": (macs["unmerged_macs"] if name in ("eager", "inductor") else macs["macs"]) / 1e9,
+            "ideal_speedup": macs["ideal_speedup"], "peak_memory_mb": memory[name],
+            "schedule": json.dumps(macs["schedule"]),
+        }
+        for base in fns:
+            row[f"speedup_vs_{base}"] = medians[base] / medians[name]
+        merged = name not in ("eager", "inductor")
+        if "inductor" in medians and merged:
+            row["share_of_ideal"] = medians["inductor"] / medians[name] / macs["ideal_speedup"]
+        rows.append(row)
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Speedup over the unmerged Inductor model against r, one line per method, with the ideal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["model"], r["batch"], r["dtype"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, (model, batch, dtype) in zip(axes[0], groups):
+        mine = [r for r in rows if (r["model"], r["batch"], r["dtype"]) == (model, batch, dtype)]
+        for method in sorted({r["method"] for r in mine}):
+            pts = sorted((r["r"], r["speedup_vs_inductor"], r["ideal_speedup"]) for r in mine
+                         if r["method"] == method and r["provider"] == "tomec")
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"tomec {method}")
+                ax.plot([p[0] for p in pts], [p[2] for p in pts], "k--", alpha=0.4)
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set(title=f"{model} b={batch} {dtype}", xlabel="r (tokens removed)",
+               ylabel="speedup over unmerged Inductor (dashed: ideal)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(
+    models: Sequence[str], methods: Sequence[str], rs: Sequence[int], batches: Sequence[int],
+    dtypes: Sequence[str] = ("float32",), device: str = "cpu", rounds: int = 5, reps: int = 2,
+    inflect: float = -0.5, threads: Optional[int] = None, providers: Sequence[str] = PROVIDERS,
+    out: Path = RESULTS, tag: Optional[str] = None, **options: Any,
+) -> list[dict[str, Any]]:
+    """Measure every combination; write CSV, JSON and the figure; return the rows. ``options``: method
+    options and backend settings passed to every merged provider."""
+    if threads:
+        torch.set_num_threads(threads)
+    print(f"tomec bench on {_device_name(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    rows: list[dict[str, Any]] = []
+    cases = [(m, meth, r, b, dt) for m in models for meth in methods for r in rs for b in batches for dt in dtypes]
+    for model, method, r, batch, dtype in tqdm(cases, desc="bench"):
+        rows += measure(model, method, r, batch, getattr(torch, dtype), device, rounds, reps, inflect,
+                        providers, **options)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"throughput-{tag or device}"
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": _meta(device), "rows": rows}, indent=1))
+    plot(rows, stem.with_suffix(".png"))
+    print(summary(rows))
+    print(f"wrote {stem}.csv / .json / .png")
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    """A table: images/s per provider, tomec's speedups and share of the ideal."""
+    lines = [f"{'model':26}{'method':9}{'r':>4}{'batch':>6} {'provider':19}{'img/s':>9}{'compile s':>10}"
+             f"{'x inductor':>11}{'x ref+ind':>10}{'ideal':>7}{'share':>7}"]
+    for row in rows:
+        lines.append(
+            f"{row['model']:26}{row['method']:9}{row['r']:>4}{row['batch']:>6} {row['provider']:19}"
+            f"{row['images_per_s']:9.1f}{row['compile_s']:10.1f}{row.get('speedup_vs_inductor', 0):11.2f}"
+            f"{row.get('speedup_vs_reference_inductor', 0):10.2f}{row['ideal_speedup']:7.2f}"
+            + (f"{row['share_of_ideal']:7.0%}" if "share_of_ideal" in row else "")
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="tomec bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="deit_small_patch16_224")
+    parser.add_argument("--methods", default="tome")
+    parser.add_argument("--r", default="156", help="comma-separated totals, e.g. 0,52,104,156")
+    parser.add_argument("--inflect", type=float, default=-0.5)
+    parser.add_argument("--batch", default="16")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--tag", default=None, help="file name tag (default: the device)")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="a method option or backend setting (repeatable), e.g. prop_attn=false")
+    args = parser.parse_args(argv)
+    from tomec.cli import parse_options
+
+    split = lambda s: [v for v in s.split(",") if v]  # noqa: E731
+    run(split(args.models), split(args.methods), [int(v) for v in split(args.r)],
+        [int(v) for v in split(args.batch)], split(args.dtype), args.device, args.rounds, args.reps,
+        args.inflect, args.threads, split(args.providers), Path(args.out), args.tag,
+        **parse_options(args.option))
+
+
+if __name__ == "__main__":
+    main()

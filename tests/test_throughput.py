@@ -1,0 +1,41 @@
+"""``tomec bench``: a small run end to end (rows, ratios, files); no timing is asserted."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from tomec.bench import throughput
+
+
+def test_bench_writes_rows_and_files(tmp_path, capsys):
+    throughput.main(["--models", "test_vit", "--methods", "tome", "--r", "40", "--batch", "2",
+                     "--device", "cpu", "--rounds", "2", "--reps", "1", "--threads", "1",
+                     "--out", str(tmp_path), "--tag", "smoke"])
+    out = capsys.readouterr().out
+    assert "1 threads" in out
+    rows = json.loads((tmp_path / "throughput-smoke.json").read_text())
+    meta, rows = rows["meta"], rows["rows"]
+    assert meta["torch"] and meta["threads"] == 1
+    assert [r["provider"] for r in rows] == list(throughput.PROVIDERS)
+    by = {r["provider"]: r for r in rows}
+    for row in rows:
+        assert row["images_per_s"] > 0 and row["compile_s"] > 0
+        assert row["images_per_s_p20"] <= row["images_per_s"] <= row["images_per_s_p80"]
+        assert row[f"speedup_vs_{row['provider']}"] == pytest.approx(1.0)
+        speedup = by["inductor"]["ms_per_batch"] / row["ms_per_batch"]
+        assert row["speedup_vs_inductor"] == pytest.approx(speedup)
+    assert "share_of_ideal" not in by["inductor"] and "share_of_ideal" not in by["eager"]
+    assert by["tomec"]["share_of_ideal"] == pytest.approx(by["tomec"]["speedup_vs_inductor"] / by["tomec"]["ideal_speedup"])
+    assert by["tomec"]["gmacs_per_image"] < by["inductor"]["gmacs_per_image"]
+    assert json.loads(by["tomec"]["schedule"]) == [10, 8, 7, 6, 5, 4]
+    with open(tmp_path / "throughput-smoke.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert (tmp_path / "throughput-smoke.png").stat().st_size > 0
+
+
+def test_unknown_provider_is_refused():
+    with pytest.raises(ValueError, match="unknown provider 'jit'"):
+        throughput.build_providers(None, "tome", 8, ["jit"])

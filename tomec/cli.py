@@ -1,0 +1,110 @@
+"""The ``tomec`` command: ``bench``, ``flops``, ``eval``, ``vis``, ``digits``.
+
+Each subcommand is a thin front end over a documented function: :func:`tomec.bench.throughput.run`,
+:func:`tomec.flops.flops_report`, :func:`tomec.bench.accuracy.evaluate`, :func:`tomec.vis.render`,
+:func:`tomec.bench.digits.study`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Optional
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``["bsm_first=false", "margin=0.5"]`` -> ``{"bsm_first": False, "margin": 0.5}`` (JSON values,
+    or the raw string where the value is not JSON)."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"--option takes name=value, got {pair!r}")
+        name, value = pair.split("=", 1)
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value
+    return out
+
+
+def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    """The schedule and method arguments every subcommand shares."""
+    parser.add_argument("--method", default="tome")
+    # --reduce: torchrun's own parser reads a bare --r as an ambiguous abbreviation of its options.
+    parser.add_argument("--r", "--reduce", dest="r", type=int, default=None,
+                        help="tokens removed in total (--reduce under torchrun)")
+    parser.add_argument("--inflect", type=float, default=-0.5)
+    parser.add_argument("--schedule", default=None, help="per-block counts, e.g. 8,8,8,...")
+    parser.add_argument("--keep-ratio", type=float, default=None, help="PiToMe's kept ratio per block")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="a method option (repeatable), e.g. bsm_first=false")
+
+
+def merge_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``tomec.backend``-style keyword arguments from the shared arguments."""
+    from .schedule import keep_ratio
+
+    schedule = None
+    if args.schedule:
+        schedule = [int(v) for v in args.schedule.split(",")]
+    if args.keep_ratio is not None:
+        schedule = keep_ratio(args.keep_ratio)
+    return dict(method=args.method, r=args.r, inflect=args.inflect, schedule=schedule,
+                **parse_options(args.option))
+
+
+def _flops(args: argparse.Namespace) -> None:
+    from .flops import flops_report
+
+    report = flops_report(args.model, **merge_kwargs(args))
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    print(f"{args.model} with {report['method']}: {report['protected']} protected tokens, width {report['dim']}")
+    print(f"{'block':>5}{'tokens in':>11}{'removed':>9}{'GMACs':>9}")
+    for i, (n, r, macs) in enumerate(zip(report["tokens_in"], report["schedule"], report["block_macs"])):
+        print(f"{i:>5}{n:>11}{r:>9}{macs / 1e9:>9.3f}")
+    print(f"tokens after the last block: {report['tokens_out']}")
+    print(f"GMACs per image: {report['macs'] / 1e9:.3f} (unmerged {report['unmerged_macs'] / 1e9:.3f}, "
+          f"patch embedding {report['patch_macs'] / 1e9:.3f})")
+    print(f"ideal speedup: {report['ideal_speedup']:.3f}x")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="tomec", description="token merging for Vision Transformers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("bench", help="throughput against the baselines (bench/throughput.py)", add_help=False)
+    flops = sub.add_parser("flops", help="schedule, tokens and MACs per block, without running the model")
+    flops.add_argument("--model", default="deit_small_patch16_224")
+    add_merge_arguments(flops)
+    flops.add_argument("--json", action="store_true")
+    sub.add_parser("eval", help="top-1/top-5 on an ImageNet-style folder (bench/accuracy.py)", add_help=False)
+    sub.add_parser("vis", help="which patches merged, drawn on an image", add_help=False)
+    sub.add_parser("digits", help="the offline study on scikit-learn's digits", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "flops":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        _flops(args)
+    elif args.command == "bench":
+        from .bench import throughput
+
+        throughput.main(rest)
+    elif args.command == "eval":
+        from .bench import accuracy
+
+        accuracy.main(rest)
+    elif args.command == "vis":
+        from . import vis
+
+        vis.main(rest)
+    elif args.command == "digits":
+        from .bench import digits
+
+        digits.main(rest)
+
+
+if __name__ == "__main__":
+    main()
