@@ -20,14 +20,17 @@ and a figure of speedup against r per method with the ideal line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import json
+import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -167,15 +170,23 @@ def measure(
     fns, _ = build_providers(model, method, r, providers, inflect=inflect, **options)
     timer = _timer(device)
     compile_s, times, memory = {}, {name: [] for name in fns}, {}
+    steps = tqdm(total=len(fns) * 2 + rounds, desc=f"{model_name} {method} r={r} b={batch}", leave=False)
     with torch.inference_mode():
         for name, fn in fns.items():
+            steps.set_postfix_str(f"compiling {name}")
             compile_s[name] = timer(lambda: fn(x))
             fn(x)  # warm
-        for _ in range(rounds):
+            steps.update()
+        for i in range(rounds):
+            steps.set_postfix_str(f"round {i + 1}/{rounds}")
             for name, fn in fns.items():
                 times[name].append(timer(lambda: [fn(x) for _ in range(reps)]) / reps)
+            steps.update()
         for name, fn in fns.items():  # after timing: the CPU measure changes allocator settings
+            steps.set_postfix_str(f"memory {name}")
             memory[name] = peak_memory_mb(lambda: fn(x), device)
+            steps.update()
+    steps.close()
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     rows = []
     for name, ts in times.items():
@@ -226,22 +237,42 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+@contextlib.contextmanager
+def _inductor_cache(fresh: bool) -> Iterator[None]:
+    """An empty Inductor cache for the duration (removed after), or the one in use."""
+    if not fresh:
+        yield
+        return
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="tomec-bench-inductor-") as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+
+
 def run(
     models: Sequence[str], methods: Sequence[str], rs: Sequence[int], batches: Sequence[int],
     dtypes: Sequence[str] = ("float32",), device: str = "cpu", rounds: int = 5, reps: int = 2,
     inflect: float = -0.5, threads: Optional[int] = None, providers: Sequence[str] = PROVIDERS,
-    out: Path = RESULTS, tag: Optional[str] = None, **options: Any,
+    out: Path = RESULTS, tag: Optional[str] = None, fresh_cache: bool = True, **options: Any,
 ) -> list[dict[str, Any]]:
     """Measure every combination; write CSV, JSON and the figure; return the rows. ``options``: method
-    options and backend settings passed to every merged provider."""
+    options and backend settings passed to every merged provider. ``fresh_cache``: compile into an
+    empty Inductor cache, so compile times are cold (as a user's first run)."""
     if threads:
         torch.set_num_threads(threads)
     print(f"tomec bench on {_device_name(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     rows: list[dict[str, Any]] = []
     cases = [(m, meth, r, b, dt) for m in models for meth in methods for r in rs for b in batches for dt in dtypes]
-    for model, method, r, batch, dtype in tqdm(cases, desc="bench"):
-        rows += measure(model, method, r, batch, getattr(torch, dtype), device, rounds, reps, inflect,
-                        providers, **options)
+    with _inductor_cache(fresh_cache):
+        for model, method, r, batch, dtype in tqdm(cases, desc="bench"):
+            rows += measure(model, method, r, batch, getattr(torch, dtype), device, rounds, reps, inflect,
+                            providers, **options)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"throughput-{tag or device}"
@@ -250,11 +281,17 @@ def run(
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": _meta(device), "rows": rows}, indent=1))
+    meta = {**_meta(device), "inductor_cache": "fresh" if fresh_cache else "as found", "options": options}
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
     plot(rows, stem.with_suffix(".png"))
     print(summary(rows))
     print(f"wrote {stem}.csv / .json / .png")
     return rows
+
+
+def _ratio(row: dict[str, Any], base: str, width: int) -> str:
+    value = row.get(f"speedup_vs_{base}")
+    return f"{value:{width}.2f}" if value is not None else f"{'-':>{width}}"
 
 
 def summary(rows: list[dict[str, Any]]) -> str:
@@ -264,8 +301,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         lines.append(
             f"{row['model']:26}{row['method']:9}{row['r']:>4}{row['batch']:>6} {row['provider']:19}"
-            f"{row['images_per_s']:9.1f}{row['compile_s']:10.1f}{row.get('speedup_vs_inductor', 0):11.2f}"
-            f"{row.get('speedup_vs_reference_inductor', 0):10.2f}{row['ideal_speedup']:7.2f}"
+            f"{row['images_per_s']:9.1f}{row['compile_s']:10.1f}{_ratio(row, 'inductor', 11)}"
+            f"{_ratio(row, 'reference_inductor', 10)}{row['ideal_speedup']:7.2f}"
             + (f"{row['share_of_ideal']:7.0%}" if "share_of_ideal" in row else "")
         )
     return "\n".join(lines)
@@ -286,6 +323,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--tag", default=None, help="file name tag (default: the device)")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="reuse the Inductor cache (default: a fresh one, so compile times are cold)")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="a method option or backend setting (repeatable), e.g. prop_attn=false")
     args = parser.parse_args(argv)
@@ -295,7 +334,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     run(split(args.models), split(args.methods), [int(v) for v in split(args.r)],
         [int(v) for v in split(args.batch)], split(args.dtype), args.device, args.rounds, args.reps,
         args.inflect, args.threads, split(args.providers), Path(args.out), args.tag,
-        **parse_options(args.option))
+        fresh_cache=not args.warm_cache, **parse_options(args.option))
 
 
 if __name__ == "__main__":

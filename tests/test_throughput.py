@@ -10,6 +10,7 @@ import pytest
 from tomec.bench import throughput
 
 
+@pytest.mark.slow
 def test_bench_writes_rows_and_files(tmp_path, capsys):
     throughput.main(["--models", "test_vit", "--methods", "tome", "--r", "40", "--batch", "2",
                      "--device", "cpu", "--rounds", "2", "--reps", "1", "--threads", "1",
