@@ -4,6 +4,8 @@ follow the schedule, and the merged logits match the eager reference. Random wei
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import timm
 import torch
@@ -87,3 +89,23 @@ def test_plain_block_stack_with_cls_token():
     assert sum(be.schedule) == 16
     assert be.tokens_per_block == [50 - sum(be.schedule[:i]) for i in range(4)]
     assert relative_error(out, plain) > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,match",
+    [
+        # windowed attention: the residual stream is [B, H, W, C], not tokens
+        ("swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1)}, "residual stream is not \\[B, N, C\\]"),
+        # rotary embeddings: a [N, d] table that cannot follow merged tokens
+        ("eva02_tiny_patch14_224", {"depth": 2}, "fails on the new token counts"),
+    ],
+)
+def test_unmergeable_models_are_refused_clearly(name, kwargs, match):
+    from tomec.errors import UnsupportedModelError
+
+    from .test_errors import compile_error
+
+    model = _build(name, kwargs)
+    err = compile_error(model, _images(model, 1), method="tome", r=8, compiler="eager")
+    assert isinstance(err, UnsupportedModelError)
+    assert re.search(match, str(err)), str(err)[:500]
