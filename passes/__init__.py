@@ -17,6 +17,7 @@ from tomec.config import TomecConfig
 from tomec.errors import UnsupportedModelError
 
 from . import graph_utils as gu
+from .decompose import decompose_attention_calls
 from .blocks import AttentionBlock, FoundBlocks, Skipped, find_blocks
 from .insert import Inserted, insert_merges
 from .plan import Plan, make_plan
@@ -104,6 +105,12 @@ def _append_outputs(gm: GraphModule, nodes: list[Node]) -> tuple[int, int]:
 def rewrite(gm: GraphModule, example_inputs: Sequence[Any], config: TomecConfig) -> RewriteResult:
     """Insert token merging into a traced ViT graph (in place) and validate the result."""
     report = PassReport(graph_nodes=len(gm.graph.nodes))
+    spelled = decompose_attention_calls(gm)
+    if spelled:
+        report.notes += spelled
+        for line in spelled:
+            log.info("tomec: %s", line)
+        validate(gm, example_inputs)  # traced metadata for the new nodes
     original = {n: gu.meta_shape(n, original=True) for n in gm.graph.nodes}
     found: FoundBlocks = find_blocks(gm)
     report.skipped = [str(s) for s in found.skipped]

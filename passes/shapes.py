@@ -144,7 +144,9 @@ class _ShapeFixer(_NamingProp):
 
     def _fix(self, n: Node) -> None:
         src = n.args[0]
-        old_in, old_out = self.original.get(src), self.original.get(n)
+        # A node that replaced a traced one (SDPA written out for log size) carries its metadata.
+        old_in = self.original.get(src) or gu.meta_shape(src, original=True)
+        old_out = self.original.get(n)
         value = self.env.get(src)
         if old_in is None or old_out is None or not isinstance(value, torch.Tensor):
             return
