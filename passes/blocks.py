@@ -200,13 +200,36 @@ def _check_shapes(att: _Attention, residual: Node) -> Optional[str]:
     if len(k) != 4 or len(q) != 4:
         return f"q/k are not [B, H, N, d] (q {list(q)}, k {list(k)})"
     if len(x) != 3:
-        return f"residual stream is not [B, N, C] (shape {list(x)})"
+        return (f"residual stream is not [B, N, C] (shape {list(x)}): attention over windows of a "
+                f"2-D token grid (Swin-style) cannot be merged")
     if q[0] != x[0]:
         return f"windowed attention: q's leading dimension {q[0]} differs from the batch {x[0]}"
     if k[2] != x[1] or q[2] != x[1]:
         return f"cross attention: q has {q[2]} tokens, k {k[2]}, the stream {x[1]}"
     if not isinstance(x[1], int):
         return f"the token count {x[1]} is dynamic; tomec needs a static image size"
+    return None
+
+
+def _position_table(att: _Attention, stream: Node) -> Optional[str]:
+    """A per-token buffer (rotary table, relative position index) feeding q, k or the logits: such
+    attention depends on each token's grid position, which a merged token no longer has."""
+    n = gu.meta_shape(stream, True)[1]
+    feeds = [att.q, att.k] + ([att.logits] if att.logits is not None else [])
+    if att.form == "sdpa" and isinstance(gu.arg(att.attn, 3, "attn_mask"), Node):
+        feeds.append(gu.arg(att.attn, 3, "attn_mask"))
+    leaves = set()
+    for node in feeds:
+        leaves |= {a for a in gu.ancestors(node, stop={stream}) | {node} if a.op in ("placeholder", "get_attr")}
+    leaves.discard(stream)
+    for leaf in sorted(leaves, key=lambda a: a.name):
+        value = gu.original_value(leaf)
+        if not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter) or value.dim() < 2:
+            continue
+        if any(isinstance(d, int) and n - 8 <= d <= n for d in value.shape):
+            return (f"position-dependent attention: {leaf.name} of shape {list(value.shape)} (a per-token "
+                    f"table for {n} tokens: rotary or relative position embeddings, as in EVA-02, BEiT or "
+                    f"SAM) enters q, k or the logits; a merged token has no single position")
     return None
 
 
@@ -228,7 +251,7 @@ def find_blocks(gm: GraphModule) -> FoundBlocks:
         if isinstance(res, str):
             skipped.append(Skipped(node, res))
             continue
-        problem = _check_shapes(att, res[0])
+        problem = _check_shapes(att, res[0]) or _position_table(att, res[1])
         if problem:
             skipped.append(Skipped(node, problem))
             continue
