@@ -66,6 +66,7 @@ class RewriteResult:
     extra_outputs: int = 0  # trailing graph outputs added by tomec (source map, sizes)
     num_outputs: int = 0
     tokens_per_block: list[int] = field(default_factory=list)  # measured on the validated graph
+    graph_break: Optional[str] = None  # the graph ended at a break (why, and where)
 
 
 def _device_type(block: AttentionBlock) -> str:
@@ -92,6 +93,20 @@ def _refuse_unmerged_attention(
             report.notes.append("warning: " + msg)
 
 
+def _graph_break(gm: GraphModule, num_blocks: int) -> Optional[str]:
+    """Why ``gm`` ends at a graph break (Dynamo records it on the module), or None."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is None or not getattr(reason, "graph_break", False):
+        return None
+    stack = getattr(reason, "user_stack", None) or []
+    where = f" at {stack[-1].filename}:{stack[-1].lineno}" if stack else ""
+    return (
+        f"the traced graph stops at a graph break after {num_blocks} attention blocks "
+        f"({str(reason.reason).strip()}{where}); the merge schedule spans the whole model, so its "
+        f"blocks must be in one graph: compile with fullgraph=True to see the break, then remove it"
+    )
+
+
 def _append_outputs(gm: GraphModule, nodes: list[Node]) -> tuple[int, int]:
     out = next(iter(gm.graph.find_nodes(op="output")))
     value = out.args[0]
@@ -102,8 +117,12 @@ def _append_outputs(gm: GraphModule, nodes: list[Node]) -> tuple[int, int]:
     return 1, len(nodes)
 
 
-def rewrite(gm: GraphModule, example_inputs: Sequence[Any], config: TomecConfig) -> RewriteResult:
-    """Insert token merging into a traced ViT graph (in place) and validate the result."""
+def rewrite(
+    gm: GraphModule, example_inputs: Sequence[Any], config: TomecConfig, after_break: Optional[str] = None
+) -> RewriteResult:
+    """Insert token merging into a traced ViT graph (in place) and validate the result.
+    ``after_break``: an earlier graph of the same model ended at this graph break, so this one may be
+    its continuation (blocks whose schedule and prefix tokens cannot be known): left unchanged."""
     report = PassReport(graph_nodes=len(gm.graph.nodes))
     spelled = decompose_attention_calls(gm)
     if spelled:
@@ -124,6 +143,16 @@ def rewrite(gm: GraphModule, example_inputs: Sequence[Any], config: TomecConfig)
         log.warning("tomec: %s; compiling the graph unchanged", msg)
         report.notes.append("no attention block: compiled unchanged")
         return RewriteResult(gm, None, report)
+
+    broken = _graph_break(gm, len(found.blocks))
+    if broken and config.strict:
+        raise UnsupportedModelError(broken + " (strict=False compiles it unchanged)")
+    if broken or after_break:
+        msg = broken or f"these {len(found.blocks)} attention blocks may continue a graph split by a break: {after_break}"
+        warnings.warn(f"tomec: {msg}; compiling this graph unchanged", stacklevel=2)
+        log.warning("tomec: %s; compiling this graph unchanged", msg)
+        report.notes.append("graph break: compiled unchanged")
+        return RewriteResult(gm, None, report, graph_break=broken)
 
     plan = make_plan(found.blocks, config)
     report.schedule, report.protected = plan.schedule, plan.protected

@@ -12,6 +12,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+import tomec
 from tomec import reference
 
 from .helpers import TOLERANCE, compile_tomec, reference_of, relative_error
@@ -111,3 +112,43 @@ def test_unmergeable_models_are_refused_clearly(name, kwargs, match):
     err = compile_error(model, _images(model, 1), method="tome", r=8, compiler="eager")
     assert isinstance(err, UnsupportedModelError)
     assert re.search(match, str(err)), str(err)[:500]
+
+
+class BrokenStack(BlockStack):
+    """Blocks split by a graph break (a print between blocks, as debugging code does)."""
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        x = self.proj(patches)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        x = self.blocks[1](self.blocks[0](x))
+        torch._dynamo.graph_break()  # outside a loop: Dynamo compiles the graph up to here
+        x = self.blocks[3](self.blocks[2](x))
+        return self.head(x[:, 0])
+
+
+def test_graph_break_between_blocks_is_named():
+    from tomec.errors import UnsupportedModelError
+
+    torch.manual_seed(0)
+    model = BrokenStack().eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=tomec.backend(method="tome", r=16, compiler="eager"))
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info, torch.no_grad():
+        compiled(torch.randn(2, 49, 48))
+    err = info.value.inner_exception
+    assert isinstance(err, UnsupportedModelError)
+    assert "graph break after 2 attention blocks" in str(err) and "fullgraph=True" in str(err)
+    assert "test_coverage.py" in str(err)  # where the break is
+
+
+def test_graph_break_with_strict_false_warns_and_compiles_unchanged():
+    torch.manual_seed(0)
+    model = BrokenStack().eval()
+    x = torch.randn(2, 49, 48)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=tomec.backend(method="tome", r=16, compiler="eager", strict=False))
+    with pytest.warns(UserWarning, match="graph break") as caught, torch.no_grad():
+        out = compiled(x)
+    assert any("may continue a graph split by a break" in str(w.message) for w in caught)
+    with torch.no_grad():  # both graphs unchanged: the unmerged answer
+        assert relative_error(out, model(x)) <= TOLERANCE

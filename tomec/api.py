@@ -47,6 +47,7 @@ class TomecBackend:
         self.schedule: Optional[list[int]] = None
         self.protected: Optional[int] = None
         self.tokens_per_block: Optional[list[int]] = None
+        self._graph_break: Optional[str] = None  # set once a graph of this model ended at a break
         self.last_info: Optional[dict[str, Any]] = None
         self.compile_seconds: list[float] = []
         self._reports: list[str] = []
@@ -70,7 +71,8 @@ class TomecBackend:
         from tomec.passes import rewrite
 
         start = time.perf_counter()
-        result = rewrite(gm, example_inputs, self.config)
+        result = rewrite(gm, example_inputs, self.config, after_break=self._graph_break)
+        self._graph_break = self._graph_break or result.graph_break
         self._reports.append(result.report.text())
         if result.plan is not None:
             self.schedule = list(result.plan.schedule)
