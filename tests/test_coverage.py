@@ -13,12 +13,15 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 import tomec
-from tomec import reference
+from tomec import methods, reference
 
 from .helpers import TOLERANCE, compile_tomec, reference_of, relative_error
 
 # (timm name, create_model kwargs, prefix tokens, what it covers)
 TIMM_FAMILIES = [
+    ("deit_small_patch16_224", {"depth": 2}, 1, "DeiT-S width (384, 6 heads)"),
+    ("deit_base_patch16_224", {"depth": 2}, 1, "DeiT-B width (768, 12 heads)"),
+    ("vit_large_patch16_224", {"depth": 2}, 1, "ViT-L width (1024, 16 heads)"),
     ("deit3_small_patch16_224", {}, 1, "LayerScale"),
     ("deit_tiny_distilled_patch16_224", {}, 2, "CLS + distillation token, two heads"),
     ("vit_small_patch16_224", {"qk_norm": True}, 1, "q/k norm"),
@@ -39,25 +42,45 @@ def _images(model: nn.Module, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("name,kwargs,prefix,_", TIMM_FAMILIES, ids=[f[0] for f in TIMM_FAMILIES])
-def test_timm_family(name, kwargs, prefix, _):
+def _check_family(name: str, kwargs: dict, prefix: int, method: str, compiler: str = "eager") -> None:
     model = _build(name, kwargs)
     x = _images(model)
     with torch.no_grad():
         plain = model(x)
-        unmerged, be0 = compile_tomec(model, method="tome", r=0, compiler="eager")
+        unmerged, be0 = compile_tomec(model, method=method, r=0, compiler="eager")
         assert torch.equal(unmerged(x), plain)  # r=0: the graph is left as it was
         n0 = model.patch_embed.num_patches + prefix
         r = 2 * len(model.blocks)
-        compiled, be = compile_tomec(model, method="tome", r=r, compiler="eager")
+        compiled, be = compile_tomec(model, method=method, r=r, compiler=compiler)
         out = compiled(x)
-        ref = reference_of(model, method="tome", r=r)
+        ref = reference_of(model, method=method, r=r)
         expect = ref(x)
     assert be0.tokens_per_block == [n0] * len(model.blocks)
     assert sum(be.schedule) == r
     assert be.tokens_per_block == [n0 - sum(be.schedule[:i]) for i in range(len(be.schedule))]
     assert reference.state(ref).tokens_per_block == be.tokens_per_block
     assert relative_error(out, expect) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name,kwargs,prefix,_", TIMM_FAMILIES, ids=[f[0] for f in TIMM_FAMILIES])
+def test_timm_family(name, kwargs, prefix, _):
+    _check_family(name, kwargs, prefix, "tome")
+
+
+# Every method where the prefix tokens and pooling differ from plain ViT.
+_PREFIX_FAMILIES = [f for f in TIMM_FAMILIES if f[2] != 1 or "gap" in f[0]]
+
+
+@pytest.mark.parametrize("method", [m for m in methods.available() if m != "tome"])
+@pytest.mark.parametrize("name,kwargs,prefix,_", _PREFIX_FAMILIES, ids=[f[0] for f in _PREFIX_FAMILIES])
+def test_timm_family_every_method(name, kwargs, prefix, _, method):
+    _check_family(name, kwargs, prefix, method)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,kwargs,prefix,_", _PREFIX_FAMILIES, ids=[f[0] for f in _PREFIX_FAMILIES])
+def test_timm_family_inductor(name, kwargs, prefix, _):
+    _check_family(name, {**kwargs, "depth": 3}, prefix, "tome", compiler="inductor")  # 3 blocks: compile time
 
 
 class BlockStack(nn.Module):
