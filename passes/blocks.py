@@ -197,11 +197,11 @@ def _check_shapes(att: _Attention, residual: Node) -> Optional[str]:
     x = gu.meta_shape(residual, True)
     if q is None or k is None or x is None:
         return "shapes unknown (no traced metadata)"
+    if len(x) != 3:
+        return (f"residual stream is not [B, N, C] (shape {list(x)}): attention on a 2-D token grid "
+                f"(windows as in Swin-style models, or grid-relative positions as in SAM) cannot be merged")
     if len(k) != 4 or len(q) != 4:
         return f"q/k are not [B, H, N, d] (q {list(q)}, k {list(k)})"
-    if len(x) != 3:
-        return (f"residual stream is not [B, N, C] (shape {list(x)}): attention over windows of a "
-                f"2-D token grid (Swin-style) cannot be merged")
     if q[0] != x[0]:
         return f"windowed attention: q's leading dimension {q[0]} differs from the batch {x[0]}"
     if k[2] != x[1] or q[2] != x[1]:

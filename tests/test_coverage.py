@@ -120,6 +120,10 @@ def test_plain_block_stack_with_cls_token():
     [
         # windowed attention: the residual stream is [B, H, W, C], not tokens
         ("swin_tiny_patch4_window7_224", {"depths": (1, 1, 1, 1)}, "Swin-style"),
+        # SAM: windowed and global blocks on a [B, H, W, C] grid with relative positions
+        ("samvit_base_patch16", {"img_size": 256, "depth": 2, "embed_dim": 64, "num_heads": 4,
+                                 "global_attn_indexes": (1,), "window_size": 8, "num_classes": 0},
+         "as in SAM"),
         # rotary embeddings: a [N, d] table that cannot follow merged tokens
         ("eva02_tiny_patch14_224", {"depth": 2}, "position-dependent attention: .*pos_embed.* \\[256, 128\\]"),
         # relative position bias: a [N, N] index into a learned table
