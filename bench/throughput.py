@@ -227,7 +227,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                          if r["method"] == method and r["provider"] == "tomec")
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"tomec {method}")
-                ax.plot([p[0] for p in pts], [p[2] for p in pts], "k--", alpha=0.4)
+                ax.plot([p[0] for p in pts], [p[2] for p in pts], "kx--", alpha=0.5,
+                        label="ideal (FLOP ratio)" if method == min(r["method"] for r in mine) else None)
         ax.axhline(1.0, color="grey", lw=0.5)
         ax.set(title=f"{model} b={batch} {dtype}", xlabel="r (tokens removed)",
                ylabel="speedup over unmerged Inductor (dashed: ideal)")
