@@ -124,11 +124,11 @@ def rewrite(
     ``after_break``: an earlier graph of the same model ended at this graph break, so this one may be
     its continuation (blocks whose schedule and prefix tokens cannot be known): left unchanged."""
     report = PassReport(graph_nodes=len(gm.graph.nodes))
-    spelled = decompose_attention_calls(gm)
-    if spelled:
-        report.notes += spelled
-        for line in spelled:
-            log.info("tomec: %s", line)
+    decomposed = decompose_attention_calls(gm)
+    report.notes += decomposed
+    for line in decomposed:
+        log.info("tomec: %s", line)
+    if any(line.startswith("spelled out") for line in decomposed):
         validate(gm, example_inputs)  # traced metadata for the new nodes
     original = {n: gu.meta_shape(n, original=True) for n in gm.graph.nodes}
     found: FoundBlocks = find_blocks(gm)

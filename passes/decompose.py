@@ -68,12 +68,10 @@ def decompose_attention_calls(gm: GraphModule) -> list[str]:
             continue
         x, heads = args["query"], args["num_heads"]  # x: [L, B, E], sequence first
         g = gm.graph
-        made: list[Node] = []
 
         def emit(kind: str, target: Any, *call_args: Any) -> Node:
             new = g.call_function(target, call_args) if kind == "f" else g.call_method(target, call_args)
-            new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
-            made.append(new)
+            new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})  # block paths in reports
             return new
 
         with g.inserting_before(node):
