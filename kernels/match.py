@@ -22,6 +22,27 @@ TINY = 1.1754943508222875e-38  # smallest normal fp32: keeps an all-zero metric 
 
 
 @triton.jit
+def head_sum_keys(keys, metric, inv, n, H, stride_kh, stride_kn, stride_kd, D,
+                  BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``0..n`` of one image: ``metric`` = keys summed over heads (fp32, row stride BLOCK_D) and
+    ``inv`` = 1/‖row‖ (the first phase of both matching kernels)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    for t0 in range(0, n, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        tmask = t < n
+        acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+        for h in range(0, H):
+            acc += tl.load(
+                keys + h * stride_kh + t[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=tmask[:, None] & dmask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+        tl.store(metric + t[:, None] * BLOCK_D + offs_d[None, :], acc, mask=tmask[:, None])
+        tl.store(inv + t, 1.0 / tl.maximum(tl.sqrt(tl.sum(acc * acc, axis=1)), TINY), mask=tmask)
+
+
+@triton.jit
 def _tome_match_kernel(
     keys_ptr,
     dest_ptr,
@@ -51,7 +72,6 @@ def _tome_match_kernel(
     prot_a = (protected + 1) // 2
     prot_b = protected // 2
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
     keys = keys_ptr + img * stride_kb
     metric = metric_ptr + img * N * BLOCK_D
     inv = inv_ptr + img * N
@@ -59,18 +79,7 @@ def _tome_match_kernel(
     partner_row = partner_ptr + img * n_a
 
     # Phase 0: metric = keys summed over heads (fp32), and 1/‖metric‖, one row per token.
-    for t0 in range(0, N, BLOCK_A):
-        t = t0 + tl.arange(0, BLOCK_A)
-        tmask = t < N
-        acc = tl.zeros([BLOCK_A, BLOCK_D], tl.float32)
-        for h in range(0, H):
-            acc += tl.load(
-                keys + h * stride_kh + t[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=tmask[:, None] & dmask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-        tl.store(metric + t[:, None] * BLOCK_D + offs_d[None, :], acc, mask=tmask[:, None])
-        tl.store(inv + t, 1.0 / tl.maximum(tl.sqrt(tl.sum(acc * acc, axis=1)), TINY), mask=tmask)
+    head_sum_keys(keys, metric, inv, N, H, stride_kh, stride_kn, stride_kd, D, BLOCK_A, BLOCK_D)
 
     tl.debug_barrier()
 

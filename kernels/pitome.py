@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .match import TINY
+from .match import head_sum_keys
 
 
 @triton.jit
@@ -28,7 +28,6 @@ def _pitome_kernel(
     img = tl.program_id(0)
     t_all = N - protected
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
     keys = keys_ptr + img * stride_kb + protected * stride_kn
     metric = metric_ptr + img * t_all * BLOCK_D
     inv = inv_ptr + img * t_all
@@ -41,17 +40,7 @@ def _pitome_kernel(
     dest = dest_ptr + img * stride_db
 
     # Phase 0: head-summed keys and inverse norms of the non-protected tokens.
-    for t0 in range(0, t_all, BLOCK):
-        t = t0 + tl.arange(0, BLOCK)
-        tmask = t < t_all
-        acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-        for h in range(0, H):
-            acc += tl.load(
-                keys + h * stride_kh + t[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=tmask[:, None] & dmask[None, :], other=0.0,
-            ).to(tl.float32)
-        tl.store(metric + t[:, None] * BLOCK_D + offs_d[None, :], acc, mask=tmask[:, None])
-        tl.store(inv + t, 1.0 / tl.maximum(tl.sqrt(tl.sum(acc * acc, axis=1)), TINY), mask=tmask)
+    head_sum_keys(keys, metric, inv, t_all, H, stride_kh, stride_kn, stride_kd, D, BLOCK, BLOCK_D)
     tl.debug_barrier()
 
     # Phase 1: energies, one row tile at a time against every column tile.
