@@ -209,3 +209,24 @@ def test_ops_dispatch_to_the_kernels():
     assert torch.equal(size, ref_size)
     # "auto" on CPU tensors stays with PyTorch, even where the interpreter could run Triton
     assert ops.resolve_impl("auto", x.device) == "torch"
+
+
+@pytest.mark.parametrize("mode", ["mean", "norm_preserving"])
+@pytest.mark.parametrize("n_dropped", [0, 2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_merge_kernel_gradients_equal_torch(mode, n_dropped, weighted):
+    """The Triton merge's registered backward against autograd through the PyTorch merge (fp32)."""
+    g = torch.Generator().manual_seed(5)
+    batch, n, channels, n_out = 2, 19, 24, 11
+    dest = random_map(batch, n, n_out, n_dropped, seed=9)
+    x = torch.randn(batch, n, channels, generator=g, requires_grad=True)
+    size = torch.randint(1, 4, (batch, n, 1), generator=g).float().requires_grad_()
+    w = (torch.rand(batch, n, 1, generator=g) + 0.5).requires_grad_() if weighted else None
+    inputs = [t for t in (x, size, w) if t is not None]
+    upstream = torch.randn(batch, n_out, channels, generator=g)
+    grads = {}
+    for impl in ("triton", "torch"):
+        out, size_out = ops.merge(x, size, dest, n_out, w, n_dropped=n_dropped, mode=mode, impl=impl)
+        grads[impl] = torch.autograd.grad((out * upstream).sum() + (size_out**2).sum(), inputs)
+    for a, b in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ from .attention import attention, attention_extra_dim, attention_flex, combine_m
 from .common import IMPLS, SUPPORTED_DTYPES, check_dtype, resolve_impl
 from .dct import dct_truncate
 from .matching import bipartite_match, diffrate_match, key_metric, pitome_match
-from .merge import MERGE_MODES, compose_source, merge, size_weighted_mean
+from .merge import MERGE_MODES, compose_source, merge, merge_dense, size_weighted_mean
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -30,6 +30,7 @@ __all__ = [
     "diffrate_match",
     "dct_truncate",
     "merge",
+    "merge_dense",
     "compose_source",
     "log_size_bias",
     "combine_masks",

@@ -53,6 +53,7 @@ def merge(
             f"(needs 1 <= n_out <= N - n_dropped)"
         )
     if resolve_impl(impl, x.device) == "triton":
+        _register_merge_autograd()
         return torch.ops.tomec.merge(x, size, dest, n_out, w, MERGE_MODES.index(mode))
     if size is None:
         size = x.new_ones(batch, n, 1)
@@ -89,6 +90,67 @@ def merge(
         scale = largest / x_out.norm(dim=-1).clamp_min(torch.finfo(x.dtype).tiny)
         x_out = x_out * scale.unsqueeze(-1)
     return x_out, out[..., channels + 1 :]
+
+
+def merge_dense(
+    x: Tensor, size: Optional[Tensor], dest: Tensor, n_out: int, w: Optional[Tensor] = None,
+    mode: str = "mean",
+) -> tuple[Tensor, Tensor]:
+    """:func:`merge` written with a one-hot membership matrix ``[B, n_out, N]``.
+
+    Same values as :func:`merge`, up to rounding; ``O(n_out · N)`` memory. It is the gradient formula
+    of the Triton merge (its vector-Jacobian product is what the kernel's backward computes) and a
+    second, independent spelling of the merge for tests.
+    """
+    if size is None:
+        size = x.new_ones(*x.shape[:2], 1)
+    if w is None:
+        w = size
+    slots = torch.arange(n_out, device=x.device).view(1, n_out, 1)
+    member = dest.unsqueeze(1) == slots  # [B, n_out, N]; dropped tokens (-1) belong to no slot
+    onehot = member.to(x.dtype)
+    x_out = (onehot @ (x * w)) / (onehot @ w)
+    if mode == "norm_preserving":
+        norms = x.norm(dim=-1).unsqueeze(1)  # [B, 1, N]
+        largest = torch.where(member, norms, torch.zeros_like(norms)).amax(-1, keepdim=True)
+        x_out = x_out * (largest / x_out.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny))
+    return x_out, onehot @ size
+
+
+_merge_autograd_registered = False
+
+
+def _register_merge_autograd() -> None:
+    """Gradients of ``torch.ops.tomec.merge`` with respect to ``x``, ``size`` and ``w``.
+
+    The backward is the vector-Jacobian product of :func:`merge_dense` (``torch.func.vjp``), so
+    AOTAutograd traces it into the compiled backward like any PyTorch code. The destination map is
+    a discrete choice and gets no gradient.
+    """
+    global _merge_autograd_registered
+    if _merge_autograd_registered:
+        return
+
+    def setup_context(ctx, inputs, output):
+        x, size, dest, n_out, w, mode = inputs
+        ctx.save_for_backward(x, size, dest, w)
+        ctx.n_out, ctx.mode = n_out, MERGE_MODES[mode]
+
+    def backward(ctx, grad_out, grad_size):
+        x, size, dest, w = ctx.saved_tensors
+        args = {"x": x, "size": size, "w": w}
+        wanted = [name for name, t in args.items() if t is not None]
+
+        def run(*tensors):
+            given = {**args, **dict(zip(wanted, tensors))}
+            return merge_dense(given["x"], given["size"], dest, ctx.n_out, given["w"], ctx.mode)
+
+        _, vjp = torch.func.vjp(run, *(args[name] for name in wanted))
+        grads = dict(zip(wanted, vjp((grad_out, grad_size))))
+        return grads["x"], grads.get("size"), None, None, grads.get("w"), None
+
+    torch.library.register_autograd("tomec::merge", backward, setup_context=setup_context)
+    _merge_autograd_registered = True
 
 
 def compose_source(source: Optional[Tensor], dest: Tensor, *, impl: str = "torch") -> Tensor:
