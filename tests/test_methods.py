@@ -240,3 +240,15 @@ def test_keep_ratio_schedule_with_pitome():
     with torch.no_grad():
         compiled(images("deit_tiny_patch16_224", 1))
     assert be.schedule == [19, 17, 16, 14, 13, 11, 10, 9, 8, 7, 7, 6]  # PiToMe's own numbers
+
+
+def test_diffrate_sizes_stay_positive_for_dissimilar_sources():
+    """Sources opposite to every kept token (cosine -1) still add a size of at least 1, so the next
+    block's log(size) stays finite (found on the digits model at 5 tokens)."""
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, -1.0], [0.0, -1.0]]])
+    q = torch.zeros(1, 1, 5, 2)
+    k = torch.zeros(1, 1, 5, 2)
+    dest, _, size = ops.diffrate_match(x, q, k, None, 2, 1)
+    assert (size >= 1).all()
+    _, size_out = ops.merge(x, size, dest, 3, torch.ones_like(size))
+    assert torch.isfinite(size_out.log()).all() and size_out.sum() >= 5

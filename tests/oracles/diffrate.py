@@ -45,7 +45,7 @@ def diffrate_match(x, q, k, size, r, protected, n_dropped=0, scale=None, prop_at
                 if best is None or c > best:
                     best, where = c, s
             dest[i] = protected + where
-            scaled[i] *= best
+            scaled[i] = max(scaled[i] * best, 1.0)  # the official search code's clamp
         dests.append(dest)
         sizes.append(scaled)
     dest = torch.tensor(dests, dtype=torch.int64)

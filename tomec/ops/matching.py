@@ -183,7 +183,8 @@ def diffrate_match(
     sorted by importance (descending, ties to the lower index); the last ``n_dropped`` are pruned,
     and the next least important ``r - n_dropped`` merge into their most cosine-similar token (on
     ``x``) among the ``T - r`` most important ones. As in the official code a merged token is the
-    plain mean of its members (``w`` = 1) and a source adds its size times that similarity.
+    plain mean of its members (``w`` = 1) and a source adds its size times that similarity, at
+    least 1 (the official search code's clamp; without it a dissimilar source makes a size <= 0).
 
     Args:
         x: ``[B, N, C]`` the block's tokens; q, k: ``[B, H, N, d]``; size: ``[B, N, 1]`` or None
@@ -237,4 +238,6 @@ def diffrate_match(
         [torch.ones(batch, protected, device=device, dtype=wide), similarity_at.gather(1, rank)], 1
     )
     sizes = x.new_ones(batch, n, 1) if size is None else size
-    return dest, x.new_ones(batch, n, 1), (sizes * scale_size.unsqueeze(-1)).to(x.dtype)
+    # A dissimilar source (cosine <= 0) would give a size <= 0 and a NaN log(size) in the next
+    # attention: clamp at 1, as the official search (training) code does.
+    return dest, x.new_ones(batch, n, 1), (sizes * scale_size.unsqueeze(-1)).clamp_min(1).to(x.dtype)
