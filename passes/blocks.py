@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from . import graph_utils as gu
@@ -44,6 +45,7 @@ class AttentionBlock:
     dtype: torch.dtype
     scale: Optional[float]  # the logit scale (None: SDPA's default, d ** -0.5)
     block_out: Optional[Node]  # add(residual, mlp branch): the block's output, if found
+    attn_in: Optional[Node] = None  # the tokens entering the k projection [B, N, C], if found
 
 
 @dataclass
@@ -192,6 +194,31 @@ def _find_block_output(residual: Node) -> Optional[Node]:
     return None
 
 
+_PROJECTION_DEPTH = 8  # ops between the k projection and k (reshape, permute, unbind, getitem, norm)
+
+
+def _is_linear(node: Node) -> bool:
+    return gu.is_call(node, {F.linear, torch._C._nn.linear})
+
+
+def _attention_input(att: _Attention, stream: Node) -> Optional[Node]:
+    """The tokens the k projection reads (after the block's first norm): walk up from k along the
+    tensor argument through reshapes, permutes, unbind/getitem and per-head norms to a linear; its
+    input must be ``[B, N, C]`` like the stream. None when the chain has another form."""
+    n = att.k
+    want = gu.meta_shape(stream, True)
+    for _ in range(_PROJECTION_DEPTH):
+        if _is_linear(n):
+            inp = gu.arg(n, 0, "input")
+            ok = isinstance(inp, Node) and gu.meta_shape(inp, True) == want
+            return inp if ok and (inp is stream or stream in gu.ancestors(inp, stop={stream})) else None
+        tensors = [a for a in n.args if isinstance(a, Node)]
+        if not tensors:
+            return None
+        n = tensors[0]
+    return None
+
+
 def _check_shapes(att: _Attention, residual: Node) -> Optional[str]:
     q, k = gu.meta_shape(att.q, True), gu.meta_shape(att.k, True)
     x = gu.meta_shape(residual, True)
@@ -279,6 +306,7 @@ def find_blocks(gm: GraphModule) -> FoundBlocks:
                 dtype=k_val.dtype,
                 scale=att.scale,
                 block_out=_find_block_output(residual),
+                attn_in=_attention_input(att, stream),
             )
         )
     for s in skipped:

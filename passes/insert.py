@@ -122,21 +122,52 @@ def insert_merges(gm: GraphModule, plan: Plan, config: TomecConfig, device_type:
     return state
 
 
+def _learned_params(gm, block, plan, config) -> Optional[dict[str, Node]]:
+    """The block's learned tensors (``Method.params``) as buffers of ``gm`` read by get_attr nodes
+    (inserted before the residual), in the block's dtype and device; None for other methods."""
+    method = config.method_spec
+    if method.params is None:
+        return None
+    k = gu.original_value(block.k)
+    tensors = method.params(
+        config.method_options, layer=block.index, num_layers=len(plan.blocks),
+        channels=int(gu.meta_shape(block.residual, True)[-1]), head_dim=int(k.shape[-1]),
+    )
+    nodes = {}
+    for name, tensor in tensors.items():
+        attr = f"_tomec_{method.name}_{block.index}_{name}"
+        gm.register_buffer(attr, tensor.detach().to(device=k.device, dtype=block.dtype).clone())
+        with gm.graph.inserting_before(block.residual):
+            nodes[name] = gm.graph.get_attr(attr)
+    return nodes
+
+
 def _insert_merge_step(gm, block, r, plan, config, state, impl) -> Node:
     """One ``merge_step`` call right after the attention residual; later uses see merged tokens."""
     graph = gm.graph
     residual = block.residual
     method = config.method_spec
+    kwargs = {
+        "method": method.name, "r": r, "protected": plan.protected, "layer": block.index,
+        "num_layers": len(plan.blocks), "scale": block.scale, "prop_attn": config.prop_attn,
+        "trace_source": config.trace_source, "impl": impl,
+        # learned weights travel as get_attr nodes below, never as node constants
+        "options": {k: v for k, v in config.method_options.items() if k not in method.param_options},
+    }
+    if "attn_in" in method.inputs:
+        if block.attn_in is None:
+            raise UnsupportedModelError(
+                f"method {method.name!r} reads the tokens entering the attention projections, but "
+                f"block {block.index} ({block.path}) computes its keys without a linear projection "
+                f"of its [B, N, C] tokens that tomec recognizes"
+            )
+        kwargs["attn_in"] = block.attn_in
+    params = _learned_params(gm, block, plan, config)
+    if params is not None:
+        kwargs["params"] = params
     with graph.inserting_before(residual.next):
         step = graph.call_function(
-            merge_step,
-            (residual, state.size, state.source, block.k, block.q),
-            {
-                "method": method.name, "r": r, "protected": plan.protected, "layer": block.index,
-                "num_layers": len(plan.blocks), "scale": block.scale, "prop_attn": config.prop_attn,
-                "trace_source": config.trace_source, "impl": impl,
-                "options": dict(config.method_options),
-            },
+            merge_step, (residual, state.size, state.source, block.k, block.q), kwargs
         )
         x_out = graph.call_function(operator.getitem, (step, 0))
         state.size = graph.call_function(operator.getitem, (step, 1))

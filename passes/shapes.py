@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 from torch.fx import GraphModule, Node
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from tomec.errors import UnsupportedModelError
@@ -118,6 +119,13 @@ def fixed_reshape_args(
 
 class _NamingProp(FakeTensorProp):
     """Fake-tensor propagation whose failures name the node (never a trace from deep inside)."""
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        # Buffers tomec registers (DTEM's learned heads) are real tensors: give the mode a fake.
+        value = super().get_attr(target, args, kwargs)
+        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+            return self._mode.from_tensor(value, static_shapes=True)
+        return value
 
     def run_node(self, n: Node) -> Any:
         try:

@@ -32,7 +32,8 @@ def compile_error(model, x, **kwargs) -> TomecError:
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        (dict(method="tome2", r=8), ConfigError, "unknown method 'tome2'; known methods: dct, diffrate, pitome, tofu, tome"),
+        (dict(method="tome2", r=8), ConfigError, "unknown method 'tome2'; known methods: atc, crossget, dct, diffrate, dtem, fpet, ltmp, mctf, "
+         "pitome, tofu, tome"),
         (dict(r=-3), ConfigError, "non-negative integer, got -3"),
         (dict(r=12.5), ConfigError, "non-negative integer, got 12.5"),
         (dict(r="8"), ConfigError, "non-negative integer, got '8'"),

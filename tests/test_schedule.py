@@ -98,3 +98,81 @@ def test_keep_ratio_validates():
         schedule.keep_ratio(0.0)
     with pytest.raises(ScheduleError, match="more than its cap"):
         schedule.resolve(L, N, P, schedule=schedule.keep_ratio(0.3))
+
+
+# --- Reduction blocks (methods that reduce only at some blocks: ATC, FPET) ----------------------
+
+
+def _atc_cap(n, p):
+    return max(n - p - 1, 0)
+
+
+def test_blocks_spread_r_over_the_reduction_blocks_only():
+    # the METHODS.md rule over len(blocks) = 3 entries, placed at blocks 3, 6, 9
+    assert schedule.spread(100, 3, -0.5) == [50, 33, 17]
+    out = schedule.resolve(L, N, P, r=100, blocks=[3, 6, 9], cap=_atc_cap)
+    assert out == [0, 0, 0, 50, 0, 0, 33, 0, 0, 17, 0, 0]
+    assert schedule.resolve(L, N, P, r=98, blocks=[6], cap=_atc_cap) == [0] * 6 + [98] + [0] * 5
+    # order of the given blocks does not matter; the tuple form spreads over the blocks too
+    assert schedule.resolve(L, N, P, r=100, blocks=[9, 3, 6], cap=_atc_cap) == out
+    assert schedule.resolve(L, N, P, schedule=(10, 0.0), blocks=[3, 6, 9]) == (
+        [0, 0, 0, 10, 0, 0, 10, 0, 0, 10, 0, 0]
+    )
+
+
+def test_blocks_excess_moves_to_the_next_reduction_block_with_room():
+    # 21 tokens, 1 protected, ToMe's cap: block 1 takes at most 10, block 3 then at most 5
+    out = schedule.resolve(4, 21, 1, r=14, inflect=-1.0, blocks=[1, 3])
+    assert out == [0, 10, 0, 4]  # spread gives [14, 0]: 4 over block 1's cap move to block 3
+    n = 21
+    for layer, v in enumerate(out):
+        assert v <= (n - 1) // 2 and (v == 0 or layer in (1, 3))
+        n -= v
+
+
+def test_blocks_keep_ratio_only_at_reduction_blocks():
+    out = schedule.resolve(L, N, P, schedule=schedule.keep_ratio(0.9), blocks=[3, 6, 9])
+    assert out == [0, 0, 0, 19, 0, 0, 17, 0, 0, 16, 0, 0]
+
+
+def test_blocks_explicit_list():
+    good = [0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 1]
+    assert schedule.resolve(L, N, P, schedule=good, blocks=[3, 11]) == good
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(schedule=[1] + [0] * 11, blocks=[3, 6, 9]), ScheduleError,
+         r"schedule\[0\]=1 removes tokens at block 0, which does not reduce: .* blocks \[3, 6, 9\]"),
+        (dict(schedule=[0] * 3 + [196] + [0] * 8, blocks=[3], cap=_atc_cap), ScheduleError,
+         r"schedule\[3\]=196 exceeds block 3's cap of 195"),
+        (dict(r=196, blocks=[3, 6, 9], cap=_atc_cap), ScheduleError,
+         r"reduction blocks \[3, 6, 9\] can remove at most 195 of the 196 mergeable tokens"),
+        (dict(r=150, blocks=[3, 6]), ScheduleError,
+         r"reduction blocks \[3, 6\] can remove at most 147 of the 196"),
+        (dict(r=140, inflect=1.0, blocks=[3, 6]), ScheduleError,
+         r"later blocks \(reduction blocks \[3, 6\]\), 42 tokens are left over"),
+        (dict(r=10, blocks=[3, 12]), ScheduleError, r"block\(s\) \[12\] do not exist; the model has 12"),
+        (dict(r=10, blocks=[3, 3]), ConfigError, "name a block twice"),
+        (dict(r=10, blocks=[]), ConfigError, "non-empty list"),
+        (dict(r=10, blocks=[-1]), ConfigError, r"reduction blocks\[0\] must be a non-negative"),
+    ],
+)
+def test_blocks_errors_name_the_numbers(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        schedule.resolve(L, N, P, **kwargs)
+
+
+def test_blocks_from_the_method_through_the_config():
+    from tomec.config import TomecConfig
+
+    assert TomecConfig(method="atc", r=100).resolve_schedule(L, N, P) == (
+        [0, 0, 0, 50, 0, 0, 33, 0, 0, 17, 0, 0]
+    )
+    assert TomecConfig(method="atc", r=9, method_options={"blocks": [5, 1]}).resolve_schedule(
+        6, 101, 1
+    ) == [0, 7, 0, 0, 0, 2]  # spread(9, 2, -0.5) = [7, 2]
+    assert TomecConfig(method="fpet", r=98).resolve_schedule(L, N, P)[6] == 98
+    with pytest.raises(ScheduleError, match=r"block 1, which does not reduce: .* blocks \[2\]"):
+        TomecConfig(method="fpet", schedule=[0, 5, 0, 0]).resolve_schedule(4, 101, 1)

@@ -65,28 +65,36 @@ def test_dense_merge_equals_merge_with_gradients(mode):
 # --- every method's merge step -----------------------------------------------------------------
 
 
-def _step_inputs(n=21, heads=2, d=4, seed=0):
+def _step_inputs(n=17, heads=2, d=4, seed=0):
+    """A block's tokens, keys, queries, sizes; 17 tokens = CLS + a 4×4 grid (FPET needs a square)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, n, heads * d, dtype=torch.float64, generator=g, requires_grad=True)
     keys = torch.randn(2, heads, n, d, dtype=torch.float64, generator=g)
     queries = torch.randn(2, heads, n, d, dtype=torch.float64, generator=g)
     size = torch.randint(1, 4, (2, n, 1), generator=g).double()
-    return x, keys, queries, size
+    attn_in = torch.randn(2, n, heads * d, dtype=torch.float64, generator=g)
+    return x, keys, queries, size, attn_in
 
 
 @pytest.mark.parametrize("method", methods.available())
 def test_merge_step_gradcheck(method):
     """Each method's block step is differentiable in the tokens (matching held fixed), fp64."""
     spec = methods.get(method)
-    x, keys, queries, size = _step_inputs()
-    r, protected = 4, 1
+    x, keys, queries, size, attn_in = _step_inputs()
+    r, protected, layer, num_layers = 4, 1, 1, 4
+    options = spec.check_options({})
+    params = None
+    if spec.params is not None:  # learned tensors (DTEM's head), as the passes would give them
+        params = spec.params(options, layer=layer, num_layers=num_layers, channels=x.shape[-1],
+                             head_dim=keys.shape[-1])
+        params = {name: t.double() for name, t in params.items()}
     if spec.site == "block":
         fn = lambda x: spec.transform(x, r, protected)  # noqa: E731
     else:
         def fn(x):
             out, size_out, _ = methods.merge_step(
-                x, size, None, keys, queries, method=method, r=r, protected=protected, layer=1,
-                num_layers=4, scale=0.5, options=spec.check_options({}),
+                x, size, None, keys, queries, method=method, r=r, protected=protected, layer=layer,
+                num_layers=num_layers, scale=0.5, options=options, attn_in=attn_in, params=params,
             )
             return out, size_out
     out = fn(x)[0] if spec.site != "block" else fn(x)

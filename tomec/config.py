@@ -84,6 +84,9 @@ class TomecConfig:
         spec = self.method_spec
         if spec.owns_schedule(self.method_options):
             return spec.schedule(self.method_options, num_layers, num_tokens, num_protected)
+        blocks = None
+        if spec.reduction_blocks is not None:
+            blocks = spec.reduction_blocks(num_layers, self.method_options)
         return schedules.resolve(
             num_layers,
             num_tokens,
@@ -91,5 +94,6 @@ class TomecConfig:
             r=self.r,
             inflect=self.inflect,
             schedule=self.schedule,
-            cap=self.method_spec.cap,
+            cap=spec.cap,
+            blocks=blocks,
         )

@@ -11,8 +11,10 @@ two cannot drift apart.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -26,8 +28,9 @@ from .schedule import CapFn, tome_cap
 __all__ = ["Method", "LayerMerge", "register", "get", "available", "merge_step", "MATCH_INPUTS"]
 
 # Graph values a matcher may ask for besides the keys: the block's tokens after the attention
-# residual, the queries, the sizes entering the block, the attention's logit scale.
-MATCH_INPUTS = ("x", "q", "size", "scale", "prop_attn")
+# residual, the queries, the sizes entering the block, the attention's logit scale, the tokens
+# entering the attention projections (after the block's first norm, ``[B, N, C]``).
+MATCH_INPUTS = ("x", "q", "size", "scale", "prop_attn", "attn_in")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,15 @@ class Method:
     schedule: Optional[Callable[[Mapping[str, Any], int, int, int], list[int]]] = None
     schedule_option: Optional[str] = None  # the option that carries it
     check: Optional[Callable[[Mapping[str, Any]], dict[str, Any]]] = None  # option validation
+    # Learned per-block tensors (DTEM's heads): (options, *, layer, num_layers, channels, head_dim)
+    # -> {name: tensor}, passed to the matcher as keywords. The compiled path registers them on the
+    # graph module (get_attr nodes, never node constants); ``param_options`` name the options they
+    # are made from, which the matcher does not receive.
+    params: Optional[Callable[..., Mapping[str, Tensor]]] = None
+    param_options: tuple[str, ...] = ()
+    # Methods that reduce only at some blocks (ATC, FPET): (num_layers, options) -> block indices;
+    # the schedule spreads r over those blocks only (tomec.schedule.resolve(blocks=...)).
+    reduction_blocks: Optional[Callable[[int, Mapping[str, Any]], list[int]]] = None
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overridden by ``options``; unknown names are an error that lists the valid ones."""
@@ -126,6 +138,8 @@ def merge_step(
     trace_source: bool = False,
     impl: str = "torch",
     options: Optional[Mapping[str, Any]] = None,
+    attn_in: Optional[Tensor] = None,
+    params: Optional[Mapping[str, Tensor]] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """One block's merge: match, merge with sizes, compose the source map.
 
@@ -134,17 +148,21 @@ def merge_step(
         size: ``[B, N, 1]`` sizes entering the block (None: all ones).
         source: ``[B, N0]`` source map so far (None: identity), used when ``trace_source``.
         keys, queries: ``[B, H, N, d]`` of the block's attention.
+        attn_in: ``[B, N, C]`` the tokens entering the attention projections (methods that ask).
+        params: the block's learned tensors (``Method.params``), for methods that have them.
 
     Returns:
         ``x [B, N - r, C]``, ``size [B, N - r, 1]``, ``source [B, N0]`` (None without tracing).
     """
     spec = get(method)
-    options = dict(options or {})
+    options = {k: v for k, v in (options or {}).items() if k not in spec.param_options}
     plan = spec.layer_merge(layer, num_layers, r, options)
-    available_inputs = {"x": x, "q": queries, "size": size, "scale": scale, "prop_attn": prop_attn}
+    available_inputs = {"x": x, "q": queries, "size": size, "scale": scale, "prop_attn": prop_attn,
+                        "attn_in": attn_in}
     extra = {name: available_inputs[name] for name in spec.inputs}
     found = spec.match(
-        keys, r, protected, layer=layer, num_layers=num_layers, impl=impl, **extra, **options
+        keys, r, protected, layer=layer, num_layers=num_layers, impl=impl, **extra,
+        **dict(params or {}), **options
     )
     dest, w, merge_size = found if spec.returns_weights else (found, None, size)
     x, size = ops.merge(
@@ -258,17 +276,24 @@ register(
 # --- DiffRate -----------------------------------------------------------------------------------
 
 
+def read_json_option(value: Any, method: str, what: str) -> Any:
+    """An option given as a path to a JSON file is read (errors name the file); others pass through."""
+    if not isinstance(value, (str, Path)):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"{method}: {what} file {str(path)!r} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{method}: {path} is not JSON: {e}") from e
+
+
+
 def load_diffrate_kept(kept: Any) -> dict[str, list[int]]:
     """A searched DiffRate schedule: ``{"prune_kept": [...], "merge_kept": [...]}`` (tokens kept per
     block after pruning and after merging, protected tokens included), or a path to such JSON."""
-    if isinstance(kept, (str, Path)):
-        path = Path(kept)
-        if not path.is_file():
-            raise ConfigError(f"diffrate: kept schedule file {str(path)!r} does not exist")
-        try:
-            kept = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"diffrate: {path} is not JSON: {e}") from e
+    kept = read_json_option(kept, "diffrate", "kept schedule")
     if not isinstance(kept, Mapping) or set(kept) != {"prune_kept", "merge_kept"}:
         raise ConfigError(
             "diffrate: kept must map 'prune_kept' and 'merge_kept' to per-block token counts, "
@@ -351,5 +376,354 @@ register(
         schedule_option="kept",
         layer_merge=_diffrate_layer,
         training="searched schedules from DiffRate's search (kept= option); no search here",
+    )
+)
+
+
+# --- CrossGET -----------------------------------------------------------------------------------
+
+
+
+def _crossget_match(keys, r, protected, *, layer, num_layers, q, x, size, impl="torch", guided=True):
+    return ops.crossget_match(keys, q, r, protected, x=x, size=size, guided=guided, impl=impl)
+
+
+def _check_crossget(options: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(options["guided"], bool):
+        raise ConfigError(f"crossget: guided must be True or False, got {options['guided']!r}")
+    return options
+
+
+register(
+    Method(
+        name="crossget",
+        summary="CrossGET (ICML'24), vision-only: complete-graph matching guided by the CLS query, "
+        "importance-weighted ensembles",
+        match=_crossget_match,
+        inputs=("q", "x", "size"),
+        returns_weights=True,
+        cap=tome_cap,  # the official reducer clamps r to half of the mergeable tokens
+        options={"guided": True},
+        check=_check_crossget,
+        training="no: off the shelf (the original's learned cross token is not used)",
+    )
+)
+
+
+# --- MCTF ---------------------------------------------------------------------------------------
+
+
+
+def mctf_cap(num_tokens: int, num_protected: int) -> int:
+    """MCTF's per-block cap: half of the mergeable tokens, ``(N - P) // 2``, in both modes.
+
+    The official code clamps every block's r to exactly this. It is always possible: one-way, the
+    ``r`` sources fit among the ``⌈N/2⌉ - ⌈P/2⌉`` non-protected A tokens; bidirectional, the
+    ``⌈r/2⌉`` B sources fit among the ``⌊N/2⌋ - ⌊P/2⌋`` non-protected B tokens and at least one
+    non-protected A token is left unmerged to receive them. (Bidirectional matching alone could
+    remove more, up to all but one non-protected token, but neither the official code nor a cap
+    that cannot see the options allows it.)
+    """
+    return max(num_tokens - num_protected, 0) // 2
+
+
+def _mctf_match(keys, r, protected, *, layer, num_layers, x, q, size, scale, prop_attn, impl="torch",
+                tau_sim=1.0, tau_info=20.0, tau_size=40.0, bidirectional=True, one_step_ahead=False):
+    return ops.mctf_match(
+        x, q, keys, size, r, protected, tau_sim=tau_sim, tau_info=tau_info, tau_size=tau_size,
+        bidirectional=bidirectional, scale=scale, prop_attn=prop_attn, impl=impl,
+    )
+
+
+_MCTF_ONE_STEP_AHEAD = (
+    "mctf: one_step_ahead=True cannot be expressed in tomec's pipeline: the official code merges the "
+    "block's input before its attention and then replaces that attention by the merged N×N "
+    "attention map times the values of the merged tokens (rows size·attention weighted, columns "
+    "summed); tomec merges after the attention residual and never rewrites the attention itself. "
+    "Note that tomec's MCTF is not the official one-step-ahead-free form either: the official code "
+    "then merges after the MLP residual (and its DeiT-S setting leaves block 0 alone), tomec after "
+    "the attention residual (METHODS.md's site) at the blocks the schedule gives"
+)
+
+
+def _check_mctf(options: dict[str, Any]) -> dict[str, Any]:
+    for name in ("tau_sim", "tau_info", "tau_size"):
+        tau = options[name]
+        if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 <= tau < math.inf:
+            raise ConfigError(f"mctf: {name} must be a finite number >= 0 (0 disables it), got {tau!r}")
+        options[name] = float(tau)
+    for name in ("bidirectional", "one_step_ahead"):
+        if not isinstance(options[name], bool):
+            raise ConfigError(f"mctf: {name} must be True or False, got {options[name]!r}")
+    if options["one_step_ahead"]:
+        raise ConfigError(_MCTF_ONE_STEP_AHEAD)
+    return options
+
+
+register(
+    Method(
+        name="mctf",
+        summary="MCTF (CVPR'24): bidirectional bipartite matching scored by similarity, "
+        "informativeness and size; attention-weighted merge",
+        match=_mctf_match,
+        inputs=("x", "q", "size", "scale", "prop_attn"),
+        returns_weights=True,
+        cap=mctf_cap,
+        options={"tau_sim": 1.0, "tau_info": 20.0, "tau_size": 40.0, "bidirectional": True,
+                 "one_step_ahead": False},
+        check=_check_mctf,
+        training="off the shelf (the paper also fine-tunes with token-reduction consistency; not here)",
+    )
+)
+
+
+# --- LTMP ---------------------------------------------------------------------------------------
+
+
+def _load_ltmp_pair(value: Any, what: str, kind: type) -> dict[str, list]:
+    """``{"merge": [...], "prune": [...]}`` per block (other keys, e.g. provenance, are kept out),
+    or a path to such JSON (as ``tomec calibrate`` / the threshold training write)."""
+    value = read_json_option(value, "ltmp", what)
+    if not isinstance(value, Mapping) or not {"merge", "prune"} <= set(value):
+        raise ConfigError(
+            f"ltmp: {what} must map 'merge' and 'prune' to per-block lists, got {value!r}"
+        )
+    out = {}
+    for name in ("merge", "prune"):
+        values = value[name]
+        ok = isinstance(values, (list, tuple)) and all(
+            isinstance(v, kind) and not isinstance(v, bool) and (kind is numbers.Real or v >= 0)
+            for v in values
+        )
+        if not ok:
+            must = "non-negative ints" if kind is numbers.Integral else "numbers"
+            raise ConfigError(f"ltmp: {what}['{name}'] must be a list of {must}, got {values!r}")
+        out[name] = [int(v) if kind is numbers.Integral else float(v) for v in values]
+    if len(out["merge"]) != len(out["prune"]):
+        raise ConfigError(
+            f"ltmp: {what} has {len(out['merge'])} merge entries and {len(out['prune'])} prune entries"
+        )
+    return out
+
+
+def load_ltmp_counts(counts: Any) -> dict[str, list[int]]:
+    """A calibrated LTMP schedule: tokens merged and pruned per block, or a path to its JSON."""
+    return _load_ltmp_pair(counts, "counts", numbers.Integral)
+
+
+def load_ltmp_thresholds(thresholds: Any) -> dict[str, list[float]]:
+    """LTMP thresholds per block (``merge``: cosine score, ``prune``: mean attention received)."""
+    return _load_ltmp_pair(thresholds, "thresholds", numbers.Real)
+
+
+def _ltmp_schedule(options, num_layers, num_tokens, protected):
+    counts = options["counts"]
+    if len(counts["merge"]) != num_layers:
+        raise ScheduleError(
+            f"ltmp: the counts have {len(counts['merge'])} entries but the model has {num_layers} "
+            f"attention blocks"
+        )
+    out, n = [], num_tokens
+    for layer, (m, p) in enumerate(zip(counts["merge"], counts["prune"])):
+        merge_cap = (n - protected) // 2
+        if m > merge_cap:
+            raise ScheduleError(
+                f"ltmp: block {layer} merges {m} of {n} tokens ({protected} protected); at most "
+                f"{merge_cap}"
+            )
+        prune_cap = ops.ltmp_prune_cap(n, protected, m)
+        if p > prune_cap:
+            raise ScheduleError(
+                f"ltmp: block {layer} prunes {p} of {n} tokens after merging {m} ({protected} "
+                f"protected); at most {prune_cap}"
+            )
+        out.append(m + p)
+        n -= m + p
+    return out
+
+
+def _ltmp_pruned(layer: int, r: int, options: Mapping[str, Any]) -> int:
+    counts = options.get("counts")
+    return counts["prune"][layer] if counts is not None and r > 0 else 0
+
+
+def _ltmp_match(keys, r, protected, *, layer, num_layers, q, size, scale, prop_attn, impl="torch",
+                counts=None, thresholds=None):
+    n_prune = _ltmp_pruned(layer, r, {"counts": counts})
+    return ops.ltmp_match(
+        keys, q, size, r - n_prune, n_prune, protected, scale=scale, prop_attn=prop_attn, impl=impl
+    )
+
+
+def _check_ltmp(options: dict[str, Any]) -> dict[str, Any]:
+    if options["thresholds"] is not None:
+        options["thresholds"] = load_ltmp_thresholds(options["thresholds"])
+        if options["counts"] is None:
+            raise ConfigError(
+                "ltmp: thresholds pick a different number of tokens per image, which a compiled "
+                "graph cannot; turn them into static per-block counts with `tomec calibrate "
+                "--model ... --thresholds <json> --out counts.json` (or tomec.calibrate.calibrate) "
+                "and pass counts='counts.json'"
+            )
+        raise ConfigError(
+            "ltmp: give counts= only; thresholds= next to counts= would be ignored (the calibrated "
+            "counts already came from thresholds; `tomec calibrate` records them in its JSON)"
+        )
+    if options["counts"] is not None:
+        options["counts"] = load_ltmp_counts(options["counts"])
+    else:
+        msg = ("ltmp: no counts= given, so nothing is pruned and LTMP is ToMe's merging with the r / "
+               "schedule= counts; learn thresholds (tomec.calibrate.train_thresholds) and turn them "
+               "into counts with `tomec calibrate`")
+        warnings.warn(msg, stacklevel=4)
+        logging.getLogger("tomec").warning(msg)
+    return options
+
+
+register(
+    Method(
+        name="ltmp",
+        summary="LTMP (TMLR'23): ToMe's merge, then prune by attention received; calibrated counts",
+        match=_ltmp_match,
+        inputs=("q", "size", "scale", "prop_attn"),
+        options={"counts": None, "thresholds": None},
+        check=_check_ltmp,
+        schedule=_ltmp_schedule,
+        schedule_option="counts",
+        layer_merge=lambda layer, num_layers, r, options: LayerMerge(
+            r, n_dropped=_ltmp_pruned(layer, r, options)
+        ),
+        training="thresholds learned with frozen weights (tomec.calibrate.train_thresholds), "
+        "then calibrated to static counts (counts= option, `tomec calibrate`)",
+    )
+)
+
+
+# --- ATC ----------------------------------------------------------------------------------------
+
+
+
+def atc_cap(num_tokens: int, num_protected: int) -> int:
+    """ATC's per-block cap: all but one of the mergeable tokens (at least one cluster remains)."""
+    return max(num_tokens - num_protected - 1, 0)
+
+
+def _atc_blocks(num_layers: int, options: Mapping[str, Any]) -> list[int]:
+    blocks = options["blocks"]
+    return ops.atc_default_blocks(num_layers) if blocks is None else list(blocks)
+
+
+def _atc_match(keys, r, protected, *, layer, num_layers, impl="torch", blocks=None):
+    return ops.atc_match(keys, r, protected, impl=impl)
+
+
+def _check_atc(options: dict[str, Any]) -> dict[str, Any]:
+    blocks = options["blocks"]
+    if blocks is not None:
+        if isinstance(blocks, (str, bytes)) or not isinstance(blocks, (list, tuple)) or not blocks or any(
+            isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 0 for b in blocks
+        ):
+            raise ConfigError(f"atc: blocks must be a non-empty list of block indices >= 0, got {blocks!r}")
+        if len(set(blocks)) != len(blocks):
+            raise ConfigError(f"atc: blocks {list(blocks)} name a block twice")
+        options["blocks"] = sorted(int(b) for b in blocks)
+    return options
+
+
+register(
+    Method(
+        name="atc",
+        summary="ATC (ECCV'24): average-linkage agglomerative clustering at a few reduction blocks",
+        match=_atc_match,
+        cap=atc_cap,
+        options={"blocks": None},
+        check=_check_atc,
+        reduction_blocks=_atc_blocks,
+        training="no: off the shelf (the merge is differentiable in the tokens; the clustering is not)",
+    )
+)
+
+
+# --- FPET ---------------------------------------------------------------------------------------
+
+
+
+def _fpet_blocks(num_layers: int, options: Mapping[str, Any]) -> list[int]:
+    block = options["block"]
+    return [num_layers // 2 if block is None else block]
+
+
+def _fpet_match(keys, r, protected, *, layer, num_layers, size, impl="torch", block=None):
+    return ops.fpet_match(keys, r, protected, size=size, impl=impl)
+
+
+def _check_fpet(options: dict[str, Any]) -> dict[str, Any]:
+    block = options["block"]
+    if block is not None and (isinstance(block, bool) or not isinstance(block, numbers.Integral) or block < 0):
+        raise ConfigError(f"fpet: block must be a block index >= 0 or None (the middle one), got {block!r}")
+    return options
+
+
+register(
+    Method(
+        name="fpet",
+        summary="FPET (CVPR'25): one checkerboard merge on the patch grid at one block",
+        match=_fpet_match,
+        inputs=("size",),
+        returns_weights=True,
+        cap=ops.fpet_cap,
+        options={"block": None},
+        check=_check_fpet,
+        reduction_blocks=_fpet_blocks,
+        training="straight-through: hard merge forward, soft (softmax) assignment gradient to the keys",
+    )
+)
+
+
+# --- DTEM ---------------------------------------------------------------------------------------
+
+
+
+def _dtem_match(keys, r, protected, *, layer, num_layers, attn_in, weight, bias, impl="torch"):
+    return ops.dtem_match(attn_in, weight, bias, r, protected, impl=impl)
+
+
+def _dtem_params(options, *, layer, num_layers, channels, head_dim):
+    from .dtem import block_params
+
+    return block_params(options["heads"], seed=options["seed"], dim=options["dim"], layer=layer,
+                        num_layers=num_layers, channels=channels, head_dim=head_dim)
+
+
+def _check_dtem(options: dict[str, Any]) -> dict[str, Any]:
+    from .dtem import RANDOM_HEADS_WARNING, load_heads
+
+    seed, dim = options["seed"], options["dim"]
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ConfigError(f"dtem: seed must be an int >= 0, got {seed!r}")
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1):
+        raise ConfigError(f"dtem: dim must be a positive int or None (the head width rule), got {dim!r}")
+    heads = load_heads(options["heads"])
+    if heads is not None and dim is not None and dim != heads.layers[0][0].shape[0]:
+        raise ConfigError(f"dtem: dim={dim} but the given heads are {heads.layers[0][0].shape[0]} wide")
+    if heads is None:
+        msg = RANDOM_HEADS_WARNING.format(seed=seed)
+        warnings.warn(msg, stacklevel=4)
+        logging.getLogger("tomec").warning(msg)
+    return {**options, "heads": heads, "seed": int(seed), "dim": dim}
+
+
+register(
+    Method(
+        name="dtem",
+        summary="DTEM (NeurIPS'24): ToMe's matching on a learned per-block embedding of the tokens",
+        match=_dtem_match,
+        inputs=("attn_in",),
+        options={"heads": None, "seed": 0, "dim": None},
+        check=_check_dtem,
+        params=_dtem_params,
+        param_options=("heads", "seed", "dim"),
+        training="yes: soft merging trains the heads, backbone frozen (tomec.dtem.train_heads); "
+        "without heads= it is ToMe with a random metric",
     )
 )

@@ -80,6 +80,21 @@ def _attention_forward(
     return self.proj_drop(self.proj(x)), k, q
 
 
+def _learned_params(
+    st: ReferenceState, layer: int, attn_in: Tensor, k: Tensor
+) -> Optional[dict[str, Tensor]]:
+    """The block's learned tensors (``Method.params``) on the tokens' device and dtype, as the
+    compiled path registers them."""
+    method = st.config.method_spec
+    if method.params is None:
+        return None
+    tensors = method.params(
+        st.config.method_options, layer=layer, num_layers=st.num_layers,
+        channels=attn_in.shape[-1], head_dim=k.shape[-1],
+    )
+    return {name: t.to(device=attn_in.device, dtype=attn_in.dtype) for name, t in tensors.items()}
+
+
 def _block_forward(
     self: nn.Module, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False
 ) -> Tensor:
@@ -90,14 +105,16 @@ def _block_forward(
     st.tokens_per_block.append(x.shape[1])
     config, method, r = st.config, st.config.method_spec, st.schedule[layer]
     size = st.size if config.prop_attn else None
-    attn_out, k, q = self.attn(self.norm1(x), size=size, attn_mask=attn_mask, is_causal=is_causal)
+    attn_in = self.norm1(x)
+    attn_out, k, q = self.attn(attn_in, size=size, attn_mask=attn_mask, is_causal=is_causal)
     x = x + self.drop_path1(self.ls1(attn_out))
     if r > 0 and method.site == "attention":
         x, st.size, st.source = merge_step(
             x, st.size, st.source, k, q, method=method.name, r=r, protected=st.protected,
             layer=layer, num_layers=st.num_layers, scale=self.attn.scale,
             prop_attn=config.prop_attn, trace_source=config.trace_source,
-            options=config.method_options,
+            options=config.method_options, attn_in=attn_in,
+            params=_learned_params(st, layer, attn_in, k),
         )
     x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
     if r > 0 and method.site == "block":

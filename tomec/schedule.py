@@ -11,6 +11,11 @@ to the first layer (inflect < 0) or the last one. A block may remove at most ``c
 Other forms: an explicit per-block ``list``, a ToMe-style ``(r_per_layer, inflect)`` tuple, and
 ``keep_ratio(ratio)`` (PiToMe's kept ratio per block). Every form resolves to a list of ints that sums
 to exactly what was asked, or raises :class:`~tomec.errors.ScheduleError` naming the numbers.
+
+Methods that reduce only at some blocks (ATC, FPET) pass ``blocks=``: ``r`` is spread by the same
+rule over ``len(blocks)`` entries, which are placed at those blocks; every other block's cap is 0, so
+excess carries to the next reduction block with room, and an explicit list that removes tokens
+elsewhere is an error naming the block.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ __all__ = [
     "spread",
     "resolve",
     "tome_cap",
+    "check_blocks",
     "ScheduleSpec",
 ]
 
@@ -126,33 +132,79 @@ def spread(r: int, num_layers: int, inflect: float = -0.5) -> list[int]:
     return _push(values, remainder, list(order))
 
 
-def _capacity(num_layers: int, num_tokens: int, num_protected: int, cap: CapFn) -> int:
+def _cap_rule(cap: CapFn) -> str:
+    """How a block's cap reads in an error message."""
+    return "at most half of its mergeable tokens" if cap is tome_cap else "the method's per-block cap"
+
+
+def _block_cap(cap: CapFn, blocks: Optional[Sequence[int]]) -> Callable[[int, int, int], int]:
+    """``(layer, N_l, P) -> cap``: the method's cap at reduction blocks, 0 at every other block."""
+    if blocks is None:
+        return lambda layer, n, p: cap(n, p)
+    allowed = frozenset(blocks)
+    return lambda layer, n, p: cap(n, p) if layer in allowed else 0
+
+
+def _capacity(
+    num_layers: int, num_tokens: int, num_protected: int, cap: CapFn,
+    blocks: Optional[Sequence[int]] = None,
+) -> int:
+    cap_at = _block_cap(cap, blocks)
     n, total = num_tokens, 0
-    for _ in range(num_layers):
-        take = cap(n, num_protected)
+    for layer in range(num_layers):
+        take = cap_at(layer, n, num_protected)
         total += take
         n -= take
     return total
 
 
 def _carry_forward(
-    wanted: Sequence[int], num_tokens: int, num_protected: int, cap: CapFn, what: str
+    wanted: Sequence[int], num_tokens: int, num_protected: int, cap: CapFn, what: str,
+    blocks: Optional[Sequence[int]] = None,
 ) -> list[int]:
     """Apply the per-block cap; what exceeds it moves to the nearest later block with room."""
+    cap_at = _block_cap(cap, blocks)
     out, n, carry = [], num_tokens, 0
-    for want in wanted:
+    for layer, want in enumerate(wanted):
         want += carry
-        take = min(want, cap(n, num_protected))
+        take = min(want, cap_at(layer, n, num_protected))
         carry = want - take
         out.append(take)
         n -= take
     if carry:
+        where = "" if blocks is None else f" (reduction blocks {list(blocks)})"
         raise ScheduleError(
-            f"{what} cannot be met: after moving each block's excess over its cap (at most half of "
-            f"its mergeable tokens) to later blocks, {carry} tokens are left over at the last block "
+            f"{what} cannot be met: after moving each block's excess over its cap ({_cap_rule(cap)}) "
+            f"to later blocks{where}, {carry} tokens are left over at the last block "
             f"(placed so far: {out}, {num_tokens} tokens with {num_protected} protected). Lower r, "
             f"use a smaller inflect, or pass an explicit schedule list."
         )
+    return out
+
+
+def check_blocks(blocks: Sequence[int], num_layers: int, what: str = "reduction blocks") -> list[int]:
+    """Validate reduction block indices against the model's depth: sorted, distinct, in range."""
+    if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence) or not blocks:
+        raise ConfigError(f"{what} must be a non-empty list of block indices, got {blocks!r}")
+    out = [_as_count(b, f"{what}[{i}]") for i, b in enumerate(blocks)]
+    if len(set(out)) != len(out):
+        raise ConfigError(f"{what} {out} name a block twice")
+    bad = [b for b in out if b >= num_layers]
+    if bad:
+        raise ScheduleError(
+            f"{what} {out}: block(s) {bad} do not exist; the model has {num_layers} attention blocks "
+            f"(0..{num_layers - 1})"
+        )
+    return sorted(out)
+
+
+def _place(values: Sequence[int], blocks: Optional[Sequence[int]], num_layers: int) -> list[int]:
+    """Entries for the reduction blocks -> a full per-block list with zeros elsewhere."""
+    if blocks is None:
+        return list(values)
+    out = [0] * num_layers
+    for b, v in zip(blocks, values):
+        out[b] = v
     return out
 
 
@@ -165,6 +217,7 @@ def resolve(
     inflect: float = -0.5,
     schedule: Optional[ScheduleSpec] = None,
     cap: CapFn = tome_cap,
+    blocks: Optional[Sequence[int]] = None,
 ) -> list[int]:
     """Resolve a schedule request into per-block token counts for a concrete model.
 
@@ -176,6 +229,8 @@ def resolve(
         inflect: shape of the spread of ``r`` over the blocks, in [-1, 1].
         schedule: an explicit list, a ToMe-style ``(r_per_layer, inflect)`` tuple or ``keep_ratio``.
         cap: the method's per-block maximum ``cap(N_l, P)``.
+        blocks: the only blocks that reduce (None: every block). ``r`` and the tuple form are spread
+            over ``len(blocks)`` entries placed at these blocks; other blocks' cap is 0.
 
     Returns:
         ``L`` non-negative ints, the tokens each block removes.
@@ -186,13 +241,19 @@ def resolve(
         raise ConfigError(f"give r= or schedule=, not both (got r={r!r}, schedule={schedule!r})")
     if r is None and schedule is None:
         raise ConfigError("give r= (tokens to remove in total) or schedule= (per-block counts)")
+    if blocks is not None:
+        blocks = check_blocks(blocks, num_layers)
+    cap_at = _block_cap(cap, blocks)
+    n_spread = num_layers if blocks is None else len(blocks)
 
     if isinstance(schedule, KeepRatio):
         out, n = [], num_tokens
         for layer in range(num_layers):
             t = n - num_protected
             take = math.floor(t - t * schedule.ratio)
-            if take > cap(n, num_protected):
+            if blocks is not None and layer not in blocks:
+                take = 0
+            elif take > cap(n, num_protected):
                 raise ScheduleError(
                     f"keep_ratio({schedule.ratio}) removes {take} of {t} mergeable tokens in block "
                     f"{layer}, more than its cap of {cap(n, num_protected)}"
@@ -208,12 +269,12 @@ def resolve(
                 f"{schedule!r} (pass an explicit schedule as a list)"
             )
         base = _as_count(schedule[0], "r_per_layer")
-        wanted = per_layer(base, check_inflect(schedule[1]), num_layers)
+        wanted = _place(per_layer(base, check_inflect(schedule[1]), n_spread), blocks, num_layers)
         if any(v < 0 for v in wanted):
             raise ScheduleError(f"schedule {schedule!r} gives negative entries: {wanted}")
         what = f"schedule {schedule!r} (= {wanted}, {sum(wanted)} tokens)"
-        _check_total(sum(wanted), num_layers, num_tokens, num_protected, cap, what)
-        return _carry_forward(wanted, num_tokens, num_protected, cap, what)
+        _check_total(sum(wanted), num_layers, num_tokens, num_protected, cap, what, blocks)
+        return _carry_forward(wanted, num_tokens, num_protected, cap, what, blocks)
 
     if schedule is not None:
         if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence):
@@ -228,30 +289,41 @@ def resolve(
             )
         n = num_tokens
         for layer, v in enumerate(values):
-            c = cap(n, num_protected)
+            if blocks is not None and layer not in blocks and v:
+                raise ScheduleError(
+                    f"schedule[{layer}]={v} removes tokens at block {layer}, which does not reduce: "
+                    f"this method reduces only at blocks {blocks}"
+                )
+            c = cap_at(layer, n, num_protected)
             if v > c:
+                rule = "at most half of the mergeable ones merge" if cap is tome_cap else "the method's cap"
                 raise ScheduleError(
                     f"schedule[{layer}]={v} exceeds block {layer}'s cap of {c} (it receives {n} "
-                    f"tokens, {num_protected} protected; at most half of the mergeable ones merge)"
+                    f"tokens, {num_protected} protected; {rule})"
                 )
             n -= v
         return values
 
     r = check_r(r)
-    wanted = spread(r, num_layers, inflect)
+    wanted = _place(spread(r, n_spread, inflect), blocks, num_layers)
     what = f"r={r} with inflect={inflect}"
-    _check_total(r, num_layers, num_tokens, num_protected, cap, what)
-    return _carry_forward(wanted, num_tokens, num_protected, cap, what)
+    _check_total(r, num_layers, num_tokens, num_protected, cap, what, blocks)
+    return _carry_forward(wanted, num_tokens, num_protected, cap, what, blocks)
 
 
 def _check_total(
-    total: int, num_layers: int, num_tokens: int, num_protected: int, cap: CapFn, what: str
+    total: int, num_layers: int, num_tokens: int, num_protected: int, cap: CapFn, what: str,
+    blocks: Optional[Sequence[int]] = None,
 ) -> None:
-    capacity = _capacity(num_layers, num_tokens, num_protected, cap)
+    capacity = _capacity(num_layers, num_tokens, num_protected, cap, blocks)
     if total > capacity:
+        who = f"{num_layers} blocks" if blocks is None else f"the reduction blocks {list(blocks)}"
+        why = (
+            "since a block merges at most half of its mergeable tokens" if cap is tome_cap
+            else "under the method's per-block cap"
+        )
         raise ScheduleError(
-            f"{what} asks to remove more tokens than exist to merge: {num_layers} blocks can remove "
+            f"{what} asks to remove more tokens than exist to merge: {who} can remove "
             f"at most {capacity} of the {num_tokens - num_protected} mergeable tokens ({num_tokens} "
-            f"tokens, {num_protected} protected), since a block merges at most half of its "
-            f"mergeable tokens"
+            f"tokens, {num_protected} protected), {why}"
         )

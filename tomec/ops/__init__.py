@@ -12,10 +12,18 @@ Shapes: ``B`` batch, ``N`` tokens in, ``N_out`` tokens out, ``C`` channels, ``H`
 width, ``N0`` tokens entering the first block.
 """
 
-from .attention import attention, attention_extra_dim, attention_flex, combine_masks, log_size_bias
+from .atc import atc_cluster, atc_default_blocks, atc_match
+from .attention import (
+    attention, attention_extra_dim, attention_flex, attention_received, combine_masks, log_size_bias,
+)
 from .common import IMPLS, SUPPORTED_DTYPES, check_dtype, resolve_impl
+from .crossget import crossget_importance, crossget_match
 from .dct import dct_truncate
+from .dtem import dtem_match, dtem_metric, relaxed_topk, soft_merge
+from .fpet import fpet_cap, fpet_grid, fpet_match
+from .ltmp import ltmp_match, ltmp_prune_cap, ltmp_threshold_counts
 from .matching import bipartite_match, diffrate_match, key_metric, pitome_match
+from .mctf import mctf_match
 from .merge import MERGE_MODES, compose_source, merge, merge_dense, size_weighted_mean
 
 __all__ = [
@@ -28,6 +36,23 @@ __all__ = [
     "bipartite_match",
     "pitome_match",
     "diffrate_match",
+    "mctf_match",
+    "attention_received",
+    "atc_match",
+    "atc_cluster",
+    "atc_default_blocks",
+    "dtem_match",
+    "dtem_metric",
+    "relaxed_topk",
+    "soft_merge",
+    "fpet_match",
+    "fpet_cap",
+    "fpet_grid",
+    "ltmp_match",
+    "ltmp_prune_cap",
+    "ltmp_threshold_counts",
+    "crossget_match",
+    "crossget_importance",
     "dct_truncate",
     "merge",
     "merge_dense",

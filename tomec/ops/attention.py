@@ -1,4 +1,5 @@
-"""Proportional attention: the ``log(size)`` bias and the ways to feed it to attention."""
+"""Proportional attention (the ``log(size)`` bias and the ways to feed it to attention), and the
+attention each token receives (MCTF's informativeness, LTMP's importance)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from tomec.errors import ConfigError
+
+from .common import check_dtype, resolve_impl
+
 
 def log_size_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
     """Proportional attention bias ``log(size)`` on the key axis: ``[B, N, 1] -> [B, 1, 1, N]``."""
@@ -69,3 +75,42 @@ def attention_flex(
         return score + log_size[b, kv_idx]
 
     return flex_attention(q, k, v, score_mod=add_log_size, scale=scale)
+
+
+def attention_received(
+    q: Tensor,
+    k: Tensor,
+    size: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    prop_attn: bool = True,
+    *,
+    impl: str = "torch",
+) -> Tensor:
+    """Attention each token receives: the column mean of the attention map over heads and queries.
+
+    ``softmax(q kᵀ · scale + log size)`` (the ``log(size)`` bias on the key axis only under
+    ``prop_attn`` with sizes, as the block's own attention), averaged over heads and queries; each
+    row is normalised by its log-sum-exp, which is all a kernel needs to avoid storing the map.
+
+    Args:
+        q, k: ``[B, H, N, d]``; size: ``[B, N, 1]`` or None (all ones); scale: the logit scale
+            (``d ** -0.5`` when None).
+
+    Returns:
+        ``[B, N]`` in fp32 (fp64 stays fp64); each image's entries sum to 1.
+    """
+    check_dtype(q.dtype, "queries")
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ConfigError(f"q and k must be [B, H, N, d] of one shape, got {list(q.shape)}, {list(k.shape)}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    bias = size if (prop_attn and size is not None) else None
+    # fp64 stays on the PyTorch path: the kernel accumulates in fp32
+    if resolve_impl(impl, q.device) == "triton" and q.dtype != torch.float64:
+        return torch.ops.tomec.attention_received(q, k, bias, float(scale))
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    logits = (q.to(wide) * scale) @ k.to(wide).transpose(-1, -2)  # [B, H, N, N]
+    if bias is not None:
+        logits = logits + bias.to(wide).log().squeeze(-1)[:, None, None, :]
+    lse = logits.logsumexp(dim=-1, keepdim=True)
+    return (logits - lse).exp().mean(dim=(1, 2))

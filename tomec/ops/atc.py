@@ -1,0 +1,131 @@
+"""ATC (Agglomerative Token Clustering, ECCV'24): average-linkage clustering as a destination map.
+
+The clustering loop runs ``r`` merge steps, a static count; it lives in one custom op
+(``tomec::atc_cluster``, with a fake kernel) so that Dynamo/Inductor see one node per block instead
+of ``r`` unrolled steps. The op is batched over images and stays on the tokens' device (no host
+round trip, no per-image loop).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tomec.errors import ConfigError
+
+from .common import check_dtype, resolve_impl
+
+__all__ = ["atc_match", "atc_cluster", "atc_default_blocks"]
+
+
+def atc_default_blocks(num_layers: int) -> list[int]:
+    """ATC's reduction blocks: ``⌊k·L/4⌋`` for ``k = 1, 2, 3`` (distinct). For ``L = 12`` this is
+    ``[3, 6, 9]``, the official code's 0-based ``--reduction_loc 3 6 9`` (the paper's "4th, 7th and
+    10th block"); the floor keeps every index inside ``[0, L)`` for any depth."""
+    return sorted({k * num_layers // 4 for k in (1, 2, 3)})
+
+
+@torch.library.custom_op("tomec::atc_cluster", mutates_args=())
+def atc_cluster(dist: Tensor, n_merges: int) -> Tensor:
+    """Average-linkage agglomerative clustering of ``T`` points, ``n_merges`` merge steps.
+
+    Args:
+        dist: ``[B, T, T]`` pairwise distances; only the upper triangle ``i < j`` is read.
+        n_merges: merges to run, ``0 <= n_merges <= T - 1``; ``T - n_merges`` clusters remain.
+
+    Returns:
+        ``[B, T]`` int64 cluster label of each point, clusters numbered by their lowest member.
+
+    Each step merges the pair of clusters with the smallest average linkage; among equal linkages
+    the smallest ``(i, j)`` pair in row-major order wins (``i < j`` index the clusters by their
+    lowest member; a flattened argmin returns the first minimum). The linkage is kept in
+    Lance-Williams form on the *sums* of pairwise distances, ``S(A∪B, C) = S(A, C) + S(B, C)``, and
+    read as ``S / (|A|·|C|)``: each linkage is one rounding of its exact sum, so linkages that are
+    equal in exact arithmetic compare equal whenever the sums are exact, and ties break by index.
+    """
+    batch, t, _ = dist.shape
+    device = dist.device
+    inf = torch.tensor(float("inf"), dtype=dist.dtype, device=device)
+    idx = torch.arange(t, device=device)
+    upper = idx.view(t, 1) < idx.view(1, t)
+    # Read the upper triangle only and mirror it: a matmul-built matrix need not be exactly
+    # symmetric, and the row-major tie rule needs it to be.
+    sums = torch.where(upper, dist, dist.transpose(-1, -2))
+    sums = sums.masked_fill(idx.view(t, 1) == idx.view(1, t), float("inf"))  # inf: not a live pair
+    link = sums.clone()  # S / (|A| |C|); singletons: the distances themselves
+    count = torch.ones(batch, t, dtype=dist.dtype, device=device)
+    parent = idx.expand(batch, t).contiguous()  # each point's cluster (its lowest member)
+    alive = torch.ones(batch, t, dtype=torch.bool, device=device)
+    rows = torch.arange(batch, device=device)
+    for _ in range(n_merges):
+        flat = link.view(batch, t * t).argmin(-1)  # the first minimum in row-major order
+        i, j = flat // t, flat % t  # i < j: the matrix is symmetric and its diagonal is inf
+        merged = sums[rows, i] + sums[rows, j]  # [B, T]; inf wherever either pair is dead
+        merged[rows, i] = inf
+        count_i = count[rows, i] + count[rows, j]
+        count[rows, i] = count_i
+        merged_link = merged / (count_i.unsqueeze(-1) * count)
+        sums[rows, i], sums[rows, :, i] = merged, merged
+        link[rows, i], link[rows, :, i] = merged_link, merged_link
+        sums[rows, j], sums[rows, :, j] = inf, inf
+        link[rows, j], link[rows, :, j] = inf, inf
+        alive[rows, j] = False
+        parent = torch.where(parent == j.unsqueeze(-1), i.unsqueeze(-1), parent)
+    rank = alive.cumsum(-1) - 1  # a live cluster's place among the live ones, by lowest member
+    return rank.gather(1, parent)
+
+
+@atc_cluster.register_fake
+def _(dist: Tensor, n_merges: int) -> Tensor:
+    return dist.new_empty(dist.shape[:2], dtype=torch.int64)
+
+
+def _cosine_distance(metric: Tensor) -> Tensor:
+    """``[B, T, d] -> [B, T, T]``: ``1 - cos`` in fp32 at least (fp64 stays fp64)."""
+    wide = torch.float64 if metric.dtype == torch.float64 else torch.float32
+    m = metric.to(wide)
+    inv = 1.0 / m.norm(dim=-1).clamp_min(torch.finfo(wide).tiny)
+    return 1.0 - (m @ m.transpose(-1, -2)) * inv.unsqueeze(-1) * inv.unsqueeze(-2)
+
+
+def atc_match(metric: Tensor, r: int, protected: int = 0, *, impl: str = "torch") -> Tensor:
+    """ATC's clustering of the non-protected tokens into ``T - r`` clusters, as a destination map.
+
+    Average-linkage agglomerative clustering on the cosine distance ``1 - cos`` of the metric,
+    stopped at exactly ``T - r`` clusters (``T = N - protected``); ties break toward the smallest
+    ``(i, j)`` pair (see :func:`atc_cluster`). Output order: the protected tokens, then the
+    clusters ordered by their lowest member index. Merge weights are the sizes (the shared
+    size-weighted mean).
+
+    Args:
+        metric: ``[B, N, d]`` similarity features, or keys ``[B, H, N, d]`` (averaged over heads:
+            ToMe's metric).
+        r: tokens to remove, ``0 <= r <= T - 1`` (at least one cluster remains).
+        protected: leading tokens that never merge.
+
+    Returns:
+        ``dest``: ``[B, N]`` int64 in ``[0, N - r)``.
+    """
+    check_dtype(metric.dtype, "the merge metric")
+    if metric.dim() not in (3, 4):
+        raise ConfigError(f"metric must be [B, N, d] or keys [B, H, N, d], got {list(metric.shape)}")
+    resolve_impl(impl, metric.device)  # validates; the clustering is the custom op on any device
+    if metric.dim() == 4:
+        metric = metric.mean(1)
+    batch, n, _ = metric.shape
+    if not 0 <= protected <= n:
+        raise ConfigError(f"protected={protected} is outside [0, {n}] for {n} tokens")
+    t = n - protected
+    if not 0 <= r <= max(t - 1, 0):
+        raise ConfigError(
+            f"ATC: r={r} is outside [0, {max(t - 1, 0)}] for {n} tokens with {protected} protected "
+            f"(at least one cluster must remain)"
+        )
+    device = metric.device
+    head = torch.arange(protected, device=device).expand(batch, protected)
+    if r == 0:
+        return torch.arange(n, device=device).expand(batch, n)
+    # The clustering is discrete: no gradient flows through it (the merge itself stays differentiable).
+    dist = _cosine_distance(metric[:, protected:].detach())
+    labels = torch.ops.tomec.atc_cluster(dist, r)
+    return torch.cat([head, protected + labels], dim=1)

@@ -1,0 +1,138 @@
+"""FPET (Faster Parameter-Efficient Tuning, CVPR'25): checkerboard matching on the patch grid."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from tomec.errors import ConfigError
+
+from .common import check_dtype, descending_rank, inv_norm, resolve_impl
+
+__all__ = ["fpet_match", "fpet_grid", "fpet_sides", "fpet_cap"]
+
+
+def fpet_grid(num_tokens: int, protected: int) -> int:
+    """Side ``s`` of the square patch grid of the ``T = N - protected`` non-protected tokens."""
+    t = num_tokens - protected
+    side = math.isqrt(max(t, 0))
+    if t < 0 or side * side != t:
+        raise ConfigError(
+            f"FPET splits the patch grid like a checkerboard: {num_tokens} tokens with {protected} "
+            f"protected leave {t} patches, which is not a square grid (side {side} gives "
+            f"{side * side}); give protect= so that the rest is a square"
+        )
+    return side
+
+
+@lru_cache(maxsize=None)
+def fpet_sides(side: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Grid positions ``row * side + col`` of A and B, in the official code's order.
+
+    A = (even row, even col) row-major, then (odd row, odd col); B = (odd row, even col) row-major,
+    then (even row, odd col).
+    """
+    cells = [(row, col) for row in range(side) for col in range(side)]
+    groups = [
+        [p for p, (row, col) in enumerate(cells) if row % 2 == pr and col % 2 == pc]
+        for pr, pc in ((0, 0), (1, 1), (1, 0), (0, 1))
+    ]
+    return tuple(groups[0] + groups[1]), tuple(groups[2] + groups[3])
+
+
+@lru_cache(maxsize=None)
+def _inverse(side: int) -> tuple[int, ...]:
+    """Place in (A order, then B order) of each grid position."""
+    side_a, side_b = fpet_sides(side)
+    place = {p: k for k, p in enumerate(side_a + side_b)}
+    return tuple(place[p] for p in range(side * side))
+
+
+def fpet_cap(num_tokens: int, protected: int) -> int:
+    """The most tokens FPET's one block removes: every A token (``⌈T/2⌉``), when B is non-empty."""
+    side = fpet_grid(num_tokens, protected)
+    n_a, n_b = map(len, fpet_sides(side))
+    return n_a if n_b else 0
+
+
+def fpet_match(
+    metric: Tensor,
+    r: int,
+    protected: int = 0,
+    *,
+    size: Optional[Tensor] = None,
+    impl: str = "torch",
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """FPET's checkerboard merge, as a destination map with straight-through merge weights.
+
+    The ``T = N - protected`` patches form a square grid; A = (even row, even col) ∪ (odd row, odd
+    col), B = the rest (orders: :func:`fpet_sides`). Each A token's best B partner by cosine
+    similarity (ties: the lower B index); the ``r`` A tokens with the best partner scores (ties: the
+    lower A index) merge into their partner, size-weighted. The official code also puts the CLS token
+    in B but sets its scores to -inf, so protected tokens never merge there either: here they are
+    simply left out of B. Output order: the protected tokens, the kept A tokens, then the B tokens,
+    each in the official order (at ``r = |A|``, the official output up to where protected tokens sit).
+
+    Training (grad enabled and the metric requires grad): the forward is the hard merge bit for bit;
+    each source's weight is ``size · (1 + p − p.detach())`` with ``p`` the softmax over the B scores at
+    its chosen partner, so the gradient reaches the metric through that soft assignment.
+
+    Args:
+        metric: ``[B, N, d]``, or keys ``[B, H, N, d]`` (averaged over heads).
+        r: tokens to remove, ``0 <= r <= |A|``.
+        size: ``[B, N, 1]`` sizes entering the block, or None (all ones).
+
+    Returns:
+        ``dest [B, N]`` int64, merge weights ``w [B, N, 1]`` (None: the sizes), ``size`` unchanged.
+    """
+    check_dtype(metric.dtype, "the merge metric")
+    if metric.dim() not in (3, 4):
+        raise ConfigError(f"metric must be [B, N, d] or keys [B, H, N, d], got {list(metric.shape)}")
+    resolve_impl(impl, metric.device)  # validates; plain PyTorch on every device
+    if metric.dim() == 4:
+        metric = metric.mean(1)
+    batch, n, _ = metric.shape
+    if not 0 <= protected <= n:
+        raise ConfigError(f"protected={protected} is outside [0, {n}] for {n} tokens")
+    cap = fpet_cap(n, protected)
+    if not 0 <= r <= cap:
+        raise ConfigError(f"FPET: r={r} is outside [0, {cap}] for {n} tokens with {protected} protected")
+    device = metric.device
+    if r == 0:
+        return torch.arange(n, device=device).expand(batch, n), None, size
+    side = fpet_grid(n, protected)
+    side_a, side_b = fpet_sides(side)
+    n_a, n_b = len(side_a), len(side_b)
+    pos_a = torch.tensor(side_a, device=device)
+    pos_b = torch.tensor(side_b, device=device)
+
+    wide = torch.float64 if metric.dtype == torch.float64 else torch.float32
+    m = metric[:, protected:].to(wide)
+    a, b = m[:, pos_a], m[:, pos_b]
+    scores = (a @ b.transpose(-1, -2)) * inv_norm(a).unsqueeze(-1) * inv_norm(b).unsqueeze(-2)
+    best, partner = scores.detach().max(dim=-1)  # [B, n_a]; the first maximal index
+    is_src = descending_rank(best) < r
+
+    slot_b = protected + (n_a - r) + torch.arange(n_b, device=device)
+    slot_kept = protected - 1 + (~is_src).cumsum(-1)
+    slot_a = torch.where(is_src, slot_b[partner], slot_kept)
+    # Back from (A order, B order) to grid positions: a static permutation.
+    inverse = torch.tensor(_inverse(side), device=device)
+    tail = torch.cat([slot_a, slot_b.expand(batch, n_b)], dim=1)[:, inverse]
+    head = torch.arange(protected, device=device).expand(batch, protected)
+    dest = torch.cat([head, tail], dim=1)
+
+    if not (torch.is_grad_enabled() and metric.requires_grad):
+        return dest, None, size
+    # Straight-through: p - p.detach() is exactly 0 forward, so w equals the sizes bit for bit.
+    p = scores.softmax(dim=-1).gather(-1, partner.unsqueeze(-1)).squeeze(-1)  # [B, n_a]
+    nudge = torch.where(is_src, p - p.detach(), torch.zeros_like(p))
+    nudge = torch.cat([nudge, torch.zeros(batch, n_b, device=device, dtype=wide)], 1)[:, inverse]
+    nudge = torch.cat([torch.zeros(batch, protected, device=device, dtype=wide), nudge], 1)
+    sizes = metric.new_ones(batch, n, 1) if size is None else size
+    w = sizes * (1.0 + nudge.unsqueeze(-1)).to(sizes.dtype)
+    return dest, w, size
