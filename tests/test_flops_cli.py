@@ -69,3 +69,14 @@ def test_console_script_is_installed():
     assert proc.returncode == 0
     for command in ("bench", "flops", "eval", "vis", "digits"):
         assert command in proc.stdout
+
+
+@pytest.mark.parametrize("what,expect", [("dtem", "--steps"), ("diffrate", "--steps"), ("ltmp", "--target")])
+def test_finetune_dispatches_to_each_example(what, expect, capsys):
+    from tomec import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["finetune", what, "--help"])
+    assert e.value.code == 0 and expect in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "nothing"])

@@ -1,8 +1,9 @@
-"""The ``tomec`` command: ``bench``, ``flops``, ``eval``, ``vis``, ``digits``.
+"""The ``tomec`` command: ``bench``, ``flops``, ``eval``, ``vis``, ``digits``, ``calibrate``,
+``finetune``.
 
 Each subcommand is a thin front end over a documented function: :func:`tomec.bench.throughput.run`,
 :func:`tomec.flops.flops_report`, :func:`tomec.bench.accuracy.evaluate`, :func:`tomec.vis.render`,
-:func:`tomec.bench.digits.study`.
+:func:`tomec.bench.digits.study`, :func:`tomec.calibrate.calibrate`.
 """
 
 from __future__ import annotations
@@ -71,6 +72,47 @@ def _flops(args: argparse.Namespace) -> None:
     print(f"ideal speedup: {report['ideal_speedup']:.3f}x")
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    """LTMP thresholds -> a static per-block schedule (``counts=`` of method "ltmp")."""
+    from pathlib import Path
+
+    import torch
+
+    from .calibrate import calibrate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    text = args.thresholds
+    thresholds = json.loads(Path(text).read_text()) if Path(text).is_file() else json.loads(text)
+    if args.model == "digits":
+        from .bench import digits
+
+        model = digits.load_trained()
+        images = digits.digits_data()[0]  # the training split: the test split stays unseen
+    else:
+        import timm
+
+        torch.manual_seed(args.seed)
+        model = timm.create_model(args.model, pretrained=False).eval()
+        side = model.patch_embed.img_size
+        g = torch.Generator().manual_seed(args.seed)
+        images = torch.randn(args.images or 8, 3, *side, generator=g)
+    if args.images:
+        images = images[: args.images]
+    result = calibrate(model, thresholds, images, out=args.out, progress=not args.quiet)
+    print(json.dumps({"merge": result["merge"], "prune": result["prune"]}))
+    print(f"{result['images']} images; removed per block {[m + p for m, p in zip(result['merge'], result['prune'])]}"
+          + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
+
+
+# The digits fine-tuning examples; the rest of the command line goes to their own parsers.
+_FINETUNE = {
+    "dtem": "tomec.bench.finetune_dtem",
+    "diffrate": "tomec.bench.finetune_diffrate",
+    "ltmp": "tomec.bench.ltmp_digits",
+}
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="tomec", description="token merging for Vision Transformers")
@@ -83,8 +125,29 @@ def main(argv: Optional[list[str]] = None) -> None:
     sub.add_parser("eval", help="top-1/top-5 on an ImageNet-style folder (bench/accuracy.py)", add_help=False)
     sub.add_parser("vis", help="which patches merged, drawn on an image", add_help=False)
     sub.add_parser("digits", help="the offline study on scikit-learn's digits", add_help=False)
+    tune = sub.add_parser("finetune", help="offline training on the digits data: dtem heads, "
+                          "a diffrate schedule search, ltmp thresholds", add_help=False)
+    tune.add_argument("what", choices=sorted(_FINETUNE))
+    cal = sub.add_parser("calibrate", help="LTMP: thresholds -> static per-block counts (JSON)")
+    cal.add_argument("--model", required=True, help="a timm name (random weights, generated images) or 'digits'")
+    cal.add_argument("--thresholds", required=True,
+                     help='JSON file or text: {"merge": [per block], "prune": [per block]}')
+    cal.add_argument("--out", default=None, help="write the schedule JSON here (for counts=)")
+    cal.add_argument("--images", type=int, default=None, help="calibrate on the first N images")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--threads", type=int, default=None)
+    cal.add_argument("--quiet", action="store_true")
     args, rest = parser.parse_known_args(argv)
-    if args.command == "flops":
+    if args.command == "finetune":
+        import importlib
+
+        importlib.import_module(_FINETUNE[args.what]).main(rest)
+        return
+    if args.command in ("flops", "calibrate") and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "calibrate":
+        _calibrate(args)
+    elif args.command == "flops":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         _flops(args)

@@ -15,9 +15,11 @@ from typing import Any, Optional, Sequence
 __all__ = ["block_macs", "vit_macs", "ideal_speedup", "ViTDims", "vit_dims", "flops_report"]
 
 
-def block_macs(n_in: int, n_out: int, dim: int, mlp_ratio: float = 4.0) -> int:
-    """MACs of one block that receives ``n_in`` tokens and passes ``n_out`` to its MLP."""
-    return int(4 * n_in * dim**2 + 2 * n_in**2 * dim + 2 * mlp_ratio * n_out * dim**2)
+def block_macs(n_in: Any, n_out: Any, dim: int, mlp_ratio: float = 4.0) -> Any:
+    """MACs of one block that receives ``n_in`` tokens and passes ``n_out`` to its MLP (an int for
+    int counts; tensors stay tensors, so a search can differentiate through the counts)."""
+    macs = 4 * n_in * dim**2 + 2 * n_in**2 * dim + 2 * mlp_ratio * n_out * dim**2
+    return int(macs) if isinstance(n_in, int) and isinstance(n_out, int) else macs
 
 
 def per_block_macs(

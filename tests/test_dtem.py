@@ -1,0 +1,206 @@
+"""DTEM: the learned head's matching, the soft merging that trains it, weights through the pipeline."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tomec
+from tomec import dtem, ops, reference
+from tomec.errors import ConfigError
+from tomec.ops.dtem import dtem_match, relaxed_topk, soft_merge
+from tests.helpers import TOLERANCE, compile_tomec, images, make_model, relative_error
+from tests.oracles import dtem as oracle
+
+
+def _case(batch, n, c, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, c, generator=g, dtype=torch.float64)
+    size = torch.rand(batch, n, 1, generator=g, dtype=torch.float64) * 2 + 0.5
+    metric = torch.randn(batch, n, d, generator=g, dtype=torch.float64)
+    return x, size, metric
+
+
+@pytest.mark.parametrize("n,active,protected,r,k2", [
+    (9, 9, 1, 2, 3), (10, 10, 0, 4, 2), (12, 9, 1, 3, 3), (11, 11, 2, 4, 1), (8, 8, 1, 0, 3), (7, 7, 1, 3, 5),
+])
+@pytest.mark.parametrize("tau", [(0.1, 0.1), (1.0, 0.5)])
+def test_soft_merge_matches_loop_oracle(n, active, protected, r, k2, tau):
+    x, size, metric = _case(2, n, 5, 4, seed=n * 7 + r)
+    got = soft_merge(x, size, metric, r, active, protected, k2=k2, tau1=tau[0], tau2=tau[1])
+    want = oracle.soft_merge(x, size, metric, r, active, protected, k2, tau[0], tau[1])
+    assert got[2] == want[2] == active - min(r, (active - protected) // 2)
+    assert got[0].shape == x.shape and got[1].shape == size.shape  # the sequence keeps its length
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-10)
+    # size is conserved and the protected prefix and the inactive tail are untouched
+    torch.testing.assert_close(got[1].sum(1), size.sum(1), rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[0][:, :protected], x[:, :protected])
+    assert torch.equal(got[0][:, active:], x[:, active:])
+
+
+def test_relaxed_topk_mass_and_rows():
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(3, 6, 5, generator=g, dtype=torch.float64)
+    assign = relaxed_topk(scores, 4, k2=2, tau1=0.1, tau2=0.1)
+    assert (assign >= 0).all() and (assign.sum(-1) <= 1 + 1e-12).all()
+    assert ((assign > 0).sum(-1) <= 2).all()  # k2 candidates per A row
+    # r rounds hand out mass r; rows over 1 are scaled down, so at most r remains
+    assert (assign.sum((1, 2)) <= 4 + 1e-9).all() and (assign.sum((1, 2)) >= 1).all()
+    want = torch.tensor([oracle.relaxed_topk(s.tolist(), 4, 2, 0.1, 0.1) for s in scores], dtype=torch.float64)
+    torch.testing.assert_close(assign, want, rtol=1e-10, atol=1e-10)
+
+
+def test_soft_merge_gradcheck():
+    x, size, metric = _case(1, 7, 3, 2, seed=11)
+    for t in (x, size, metric):
+        t.requires_grad_(True)
+
+    def fn(x, size, metric):
+        out, s, _ = soft_merge(x, size, metric, 2, 7, 1, k2=2, tau1=1.0, tau2=1.0)
+        return out, s
+
+    assert torch.autograd.gradcheck(fn, (x, size, metric), eps=1e-6, atol=1e-6)
+
+
+def test_dtem_match_is_tome_on_the_head_embedding():
+    g = torch.Generator().manual_seed(0)
+    attn_in = torch.randn(2, 17, 8, generator=g)
+    w, b = torch.randn(4, 8, generator=g), torch.randn(4, generator=g)
+    got = dtem_match(attn_in, w, b, 5, 1)
+    assert torch.equal(got, ops.bipartite_match(F.linear(attn_in, w, b), 5, 1))
+    with pytest.raises(ConfigError, match="channels"):
+        dtem_match(attn_in, torch.randn(4, 7), b, 5, 1)
+
+
+# --- weights through the pipeline -----------------------------------------------------------
+
+
+def _heads(seed=5):
+    return dtem.DtemHeads.create(6, 64, 16, seed=seed)  # test_vit: 6 blocks of width 64, head width 16
+
+
+def _logits(model, x, **kwargs):
+    compiled, be = compile_tomec(model, method="dtem", r=40, compiler="eager", **kwargs)
+    with torch.no_grad():
+        return compiled(x), be
+
+
+def _block_weights(**options):
+    """Every block's resolved head tensors for test_vit (6 blocks, C = 64, head width 32), no model run."""
+    spec = tomec.methods.get("dtem")
+    opts = tomec.backend(method="dtem", r=8, **options).config.method_options
+    return [spec.params(opts, layer=i, num_layers=6, channels=64, head_dim=32) for i in range(6)]
+
+
+def _same(a, b):
+    return all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def test_heads_from_every_form_agree(tmp_path):
+    heads = _heads()
+    path = heads.save(tmp_path / "heads.pt")
+    forms = [heads, heads.state_dict(), path, str(path), dtem.load_heads(heads),
+             nn.ModuleList(list(heads))]
+    expect = _block_weights(heads=heads)
+    assert all(_same(_block_weights(heads=form), expect) for form in forms[1:])
+    model, x = make_model("test_vit"), images("test_vit", 2)
+    out, _ = _logits(model, x, heads=path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        random_out, _ = _logits(model, x)
+    assert relative_error(random_out, out) > 100 * TOLERANCE  # the heads matter
+
+
+def test_bad_heads_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        tomec.backend(method="dtem", r=8, heads=tmp_path / "missing.pt")
+    with pytest.raises(ConfigError, match="found key"):
+        tomec.backend(method="dtem", r=8, heads={"blocks.0.weight": torch.zeros(2, 2)})
+    with pytest.raises(ConfigError, match="nn.Linear"):
+        tomec.backend(method="dtem", r=8, heads=nn.ModuleList([nn.ReLU()]))
+    with pytest.raises(ConfigError, match="seed"):
+        tomec.backend(method="dtem", r=8, seed=-1)
+    model, x = make_model("test_vit"), images("test_vit", 1)
+    with pytest.raises(Exception, match="3 blocks, the model 6"):
+        _logits(model, x, heads=dtem.DtemHeads.create(3, 64, 16))
+
+
+def test_warns_without_weights(caplog):
+    with caplog.at_level(logging.WARNING, logger="tomec"):
+        with pytest.warns(UserWarning, match="DTEM is ToMe with a random metric"):
+            tomec.backend(method="dtem", r=8)
+    assert any("random metric" in rec.getMessage() for rec in caplog.records)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tomec.backend(method="dtem", r=8, heads=_heads())  # no warning with weights
+
+
+def test_random_heads_are_seeded_and_reproducible():
+    model = make_model("test_vit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, b, c = _block_weights(), _block_weights(), _block_weights(seed=1)
+    default = _block_weights(heads=dtem.DtemHeads.for_model(model, seed=0))
+    assert _same(a, b) and _same(a, default)  # the untrained init is DtemHeads' init
+    assert not _same(a, c)
+
+
+@pytest.mark.parametrize("fused,batch", [(True, 1), (False, 2)])
+def test_parity_compiled_vs_reference_same_heads(fused, batch):
+    model, x = make_model("test_vit", fused), images("test_vit", batch)
+    heads = _heads()
+    out, be = _logits(model, x, heads=heads, trace_source=True)
+    ref = reference.patch(make_model("test_vit", fused), "dtem", r=40, heads=heads, trace_source=True)
+    with torch.no_grad():
+        expect, plain = ref(x), model(x)
+    st = reference.state(ref)
+    assert be.schedule == st.schedule and be.tokens_per_block == st.tokens_per_block
+    assert relative_error(out, expect) <= TOLERANCE
+    assert relative_error(out, plain) > 100 * TOLERANCE
+    assert torch.equal(be.last_info["source"], st.source)
+    # the heads are graph buffers read by get_attr nodes, not constants in node arguments
+    report = be.report()
+    assert "block 0" in report
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def test_train_heads_trains_only_the_heads():
+    from tomec.bench.digits import digits_data, load_trained
+
+    model = load_trained()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y, _, _ = digits_data()
+    start = dtem.DtemHeads.for_model(model)
+    heads = dtem.train_heads(model, (x[:64], y[:64]), r=40, steps=2, lr=1e-2, batch_size=16, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+    assert not hasattr(model, "_tomec_state")  # the training patch is undone
+    assert any(not torch.equal(a, b) for a, b in zip(heads.parameters(), start.parameters()))
+    assert len(heads) == 6 and heads[0].weight.shape == (16, 64)
+
+
+def test_recorded_finetune_accuracy():
+    """The shipped trained heads give the accuracy recorded by bench/finetune_dtem.py (eval only)."""
+    from tomec.bench import finetune_dtem
+    from tomec.bench.digits import digits_data, load_trained
+
+    if not finetune_dtem.RESULT_FILE.exists():
+        pytest.skip("bench/results/finetune-dtem.json not generated yet")
+    rows = json.loads(finetune_dtem.RESULT_FILE.read_text())["rows"]
+    model = load_trained()
+    _, _, x_test, y_test = digits_data()
+    row = rows[0]
+    accuracy, schedule = finetune_dtem.evaluate(
+        model, x_test, y_test, "dtem", row["r"], heads=finetune_dtem.heads_path(row["r"])
+    )
+    assert schedule == row["schedule"]
+    assert accuracy == pytest.approx(row["dtem_trained_heads"], abs=1e-9)

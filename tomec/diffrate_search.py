@@ -1,0 +1,250 @@
+"""DiffRate's schedule search: learn how many tokens each block prunes and merges, backbone frozen.
+
+Each block (but the first) gets two learnable distributions over the number of patch tokens it keeps,
+one after pruning and one after merging (DiffRate's "differentiable discrete proxy"). The search runs
+a masked forward pass that keeps the sequence length: tokens are sorted by the CLS token's attention,
+the ones beyond the sampled kept count are masked out of later attention (pruned) or merged into their
+most similar kept token and then masked (merged); a straight-through estimator carries the gradient
+from the masks to the distributions. The loss is the task loss plus a penalty on the distance of the
+expected MACs (the METHODS.md FLOP model, differentiable in the kept counts) from a target. The result
+is a ``kept`` schedule for ``tomec.backend(method="diffrate", kept=...)``.
+
+Written from the DiffRate paper and the public code (OpenGVLab/DiffRate), which this follows in:
+the candidate counts (every count from all patches down to one), zero-initialised logits, the
+expected count rounded up with a straight-through ceil, the mask of positions beyond the count with
+a straight-through keep probability, the masked softmax that lets a masked token still attend to
+itself, merging by plain means with sizes scaled by the similarity (at least 1), and no compression
+in block 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .flops import block_macs, vit_dims
+
+__all__ = ["KeptCount", "search_diffrate", "masked_forward"]
+
+
+def _ste_ceil(value: Tensor) -> Tensor:
+    return value + (value.ceil() - value).detach()
+
+
+class KeptCount(nn.Module):
+    """A learnable distribution over how many of ``patches`` tokens a block keeps (at least 1)."""
+
+    def __init__(self, patches: int) -> None:
+        super().__init__()
+        self.register_buffer("candidates", torch.arange(patches, 0, -1, dtype=torch.float32))
+        self.logits = nn.Parameter(torch.zeros(patches))
+
+    def expected(self) -> Tensor:
+        """The expected kept count, rounded up (straight-through): a 0-d tensor."""
+        return _ste_ceil(self.candidates @ self.logits.softmax(-1))
+
+    def keep_probability(self) -> Tensor:
+        """``[patches]``: the probability that sorted position ``j`` is kept (count > j)."""
+        # candidates run patches..1, so "count > j" holds for the first patches - j of them
+        return self.logits.softmax(-1).cumsum(0).flip(0)
+
+    def mask(self, kept: int, upto: int) -> Tensor:
+        """``[patches]``: 0 at positions ``[kept, upto)`` (the ones this step removes), 1 elsewhere,
+        with the keep probability's gradient (straight-through)."""
+        prob = self.keep_probability()
+        hard = torch.ones_like(prob)
+        hard[kept:upto] = 0.0
+        return hard - prob.detach() + prob
+
+
+def _masked_softmax(logits: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:
+    """Softmax over keys where a masked key (``mask`` 0) is left out, except a token's own key."""
+    n = logits.shape[-1]
+    policy = mask[:, None, None, :]
+    eye = torch.eye(n, dtype=logits.dtype, device=logits.device)
+    policy = policy + (1.0 - policy) * eye
+    e = (logits - logits.amax(-1, keepdim=True)).exp() * policy
+    return (e + eps / n) / (e.sum(-1, keepdim=True) + eps)
+
+
+def _gather_tokens(t: Tensor, idx: Tensor) -> Tensor:
+    if t.dim() == 2:
+        return t.gather(1, idx)
+    return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
+def masked_forward(
+    model: nn.Module, images: Tensor, prune: nn.ModuleList, merge: nn.ModuleList,
+    compress_first: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The search's forward pass on a timm ``VisionTransformer`` with one CLS token; block 0
+    compresses only with ``compress_first``.
+
+    Returns ``logits [B, classes]`` and the expected MACs per image (a 0-d tensor with gradients to
+    the kept-count distributions).
+    """
+    dims = vit_dims(model)
+    x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+    batch, n, channels = x.shape
+    size = x.new_ones(batch, n, 1)
+    mask = x.new_ones(batch, n)
+    alive = n - 1  # live patch tokens: the first `alive` after the CLS token, once sorted
+    n_in = torch.tensor(float(n), device=x.device)
+    macs = torch.tensor(float(dims.patch_macs), device=x.device)
+    for layer, block in enumerate(model.blocks):
+        attn = block.attn
+        qkv = attn.qkv(block.norm1(x)).reshape(batch, n, 3, attn.num_heads, attn.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        logits = (q * attn.scale) @ k.transpose(-2, -1) + size.log()[:, None, None, :, 0]
+        weights = _masked_softmax(logits, mask)
+        out = (weights @ v).transpose(1, 2).reshape(batch, n, channels)
+        x = x + block.drop_path1(block.ls1(attn.proj(attn.norm(out))))
+
+        # sort the patches by the CLS token's attention, most important first
+        order = weights[:, :, 0, 1:].mean(1).argsort(dim=-1, descending=True, stable=True)
+        idx = torch.cat([order.new_zeros(batch, 1), order + 1], dim=1)
+        x, size, mask = _gather_tokens(x, idx), _gather_tokens(size, idx), _gather_tokens(mask, idx)
+
+        n_out = n_in
+        if layer > 0 or compress_first:
+            prune_kept = prune[layer].expected()
+            kept = int(prune_kept.item())
+            if kept < alive:
+                mask = mask * torch.cat([mask.new_ones(1), prune[layer].mask(kept, alive)])
+            mid = min(alive, kept)
+            merge_kept = merge[layer].expected()
+            kept = int(merge_kept.item())
+            if kept < mid:
+                x, size = _merge_tail(x, size, kept, mid)
+                mask = mask * torch.cat([mask.new_ones(1), merge[layer].mask(kept, mid)])
+            alive = min(mid, kept)
+            n_out = torch.minimum(n_in, 1.0 + torch.minimum(prune_kept, merge_kept))
+        macs = macs + block_macs(n_in, n_out, dims.dim, dims.mlp_ratio)
+        n_in = n_out
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return model.forward_head(model.norm(x)), macs
+
+
+def _merge_tail(x: Tensor, size: Tensor, kept: int, mid: int) -> tuple[Tensor, Tensor]:
+    """Merge sorted patches ``[kept, mid)`` into their most similar among ``[0, kept)`` (cosine on
+    ``x``, plain means, sizes scaled by the similarity and at least 1); the merged ones stay in place
+    (the caller masks them)."""
+    patches, sizes = x[:, 1:], size[:, 1:]
+    src, dst = patches[:, kept:mid], patches[:, :kept]
+    unit = F.normalize(patches.detach(), dim=-1)
+    best, partner = (unit[:, kept:mid] @ unit[:, :kept].transpose(1, 2)).max(-1)
+    onto = (partner.unsqueeze(1) == torch.arange(kept, device=x.device).view(1, kept, 1)).to(x.dtype)
+    count = 1.0 + onto.sum(-1, keepdim=True)  # [B, kept, 1]
+    merged = (dst + onto @ src) / count
+    src_size = (sizes[:, kept:mid] * best.unsqueeze(-1)).clamp_min(1.0)
+    merged_size = sizes[:, :kept] + onto @ src_size
+    x = torch.cat([x[:, :1], merged, patches[:, kept:]], dim=1)
+    size = torch.cat([size[:, :1], merged_size, sizes[:, kept:]], dim=1)
+    return x, size
+
+
+def _kept_schedule(
+    prune: nn.ModuleList, merge: nn.ModuleList, num_tokens: int, compress_first: bool
+) -> dict[str, list[int]]:
+    prune_kept, merge_kept = ([], []) if compress_first else ([num_tokens], [num_tokens])
+    for p, m in list(zip(prune, merge))[0 if compress_first else 1 :]:
+        prune_kept.append(int(p.expected().item()) + 1)
+        merge_kept.append(int(m.expected().item()) + 1)
+    return {"prune_kept": prune_kept, "merge_kept": merge_kept}
+
+
+def schedule_macs(model: nn.Module, kept: dict[str, list[int]]) -> int:
+    """MACs per image of ``model`` under a DiffRate ``kept`` schedule (METHODS.md FLOP model)."""
+    from .flops import flops_report
+
+    return flops_report(model, "diffrate", kept=kept)["macs"]
+
+
+def search_diffrate(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    target_macs: float,
+    steps: int = 200,
+    batch: int = 64,
+    lr: float = 0.05,
+    penalty: float = 20.0,
+    seed: int = 0,
+    compress_first: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Search per-block kept counts on ``images [N, 3|1, H, W]`` / ``labels [N]`` at ``target_macs``
+    MACs per image; the backbone is frozen (only the kept-count distributions learn).
+
+    Returns ``{"kept": {"prune_kept": [...], "merge_kept": [...]}, "macs": int, "untrimmed_macs":
+    int, "losses": [...], ...}``;
+    ``kept`` counts tokens per block with the CLS token, as ``method="diffrate", kept=`` takes it.
+    When rounding leaves the schedule above ``target_macs``, the last blocks keep one token less at
+    a time until it fits (logged in the result as ``"trimmed"``). Block 0 stays uncompressed, as in
+    DiffRate, unless ``compress_first`` (a budget below what the other blocks can reach needs it).
+    """
+    from tqdm import tqdm
+
+    dims = vit_dims(model)
+    if dims.protected != 1 or getattr(model, "cls_token", None) is None:
+        raise ConfigError(
+            f"the DiffRate search needs a ViT with exactly one CLS token as its prefix, got "
+            f"{dims.protected} prefix tokens"
+        )
+    full = float(schedule_macs(model, {"prune_kept": [dims.num_tokens] * dims.num_blocks,
+                                       "merge_kept": [dims.num_tokens] * dims.num_blocks}))
+    if not 0 < target_macs <= full:
+        raise ConfigError(f"target_macs={target_macs:.4g} must be in (0, {full:.4g}] (the unmerged MACs)")
+    patches = dims.num_tokens - 1
+    g = torch.Generator().manual_seed(seed)
+    prune = nn.ModuleList(KeptCount(patches) for _ in range(dims.num_blocks))
+    merge = nn.ModuleList(KeptCount(patches) for _ in range(dims.num_blocks))
+    proxies = nn.ModuleList([prune, merge]).to(images.device)
+    was_training = model.training
+    model.eval()
+    frozen = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(proxies.parameters(), lr=lr)
+    losses = []
+    try:
+        for _ in tqdm(range(steps), desc="diffrate search", disable=not progress):
+            pick = torch.randint(0, len(labels), (batch,), generator=g).to(images.device)
+            logits, macs = masked_forward(model, images[pick], prune, merge, compress_first)
+            task = F.cross_entropy(logits, labels[pick])
+            loss = task + penalty * (macs / full - target_macs / full) ** 2
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(task.detach()))
+    finally:
+        for p, flag in zip(model.parameters(), frozen):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    kept = _kept_schedule(prune, merge, dims.num_tokens, compress_first)
+    untrimmed = schedule_macs(model, kept)
+    trimmed = 0
+    while schedule_macs(model, kept) > target_macs:
+        if not _trim_one(kept):
+            break
+        trimmed += 1
+    return {"kept": kept, "macs": schedule_macs(model, kept), "target_macs": target_macs,
+            "untrimmed_macs": untrimmed, "unmerged_macs": full, "losses": losses, "trimmed": trimmed}
+
+
+def _trim_one(kept: dict[str, list[int]]) -> bool:
+    """Keep one token less in the last block that can still lose one; False when none can."""
+    for layer in range(len(kept["merge_kept"]) - 1, -1, -1):
+        effective = min(kept["merge_kept"][layer], kept["prune_kept"][layer])
+        if effective > 2:
+            kept["merge_kept"][layer] = effective - 1
+            kept["prune_kept"][layer] = max(kept["prune_kept"][layer], effective - 1)
+            return True
+    return False
+
