@@ -75,8 +75,10 @@ def decompose_attention_calls(gm: GraphModule) -> list[str]:
             return new
 
         with g.inserting_before(node):
-            qkv = emit("f", F.linear, x, args["in_proj_weight"], args["in_proj_bias"])  # [L, B, 3E]
-            qkv = emit("m", "transpose", qkv, 0, 1)  # [B, L, 3E]
+            # batch first before the projection, so the projection reads [B, L, E] tokens as in
+            # other ViTs (methods that read the attention input find it there)
+            tokens = emit("m", "transpose", x, 0, 1)  # [B, L, E]
+            qkv = emit("f", F.linear, tokens, args["in_proj_weight"], args["in_proj_bias"])  # [B, L, 3E]
             qkv = emit("m", "unflatten", qkv, -1, (3, heads, -1))  # [B, L, 3, H, d]
             qkv = emit("m", "permute", qkv, 2, 0, 3, 1, 4)  # [3, B, H, L, d]
             q, k, v = (emit("f", operator.getitem, qkv, i) for i in range(3))

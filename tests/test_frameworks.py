@@ -4,6 +4,8 @@ tokens per block follow the schedule, Inductor and ``compiler="eager"`` agree)."
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 import torchvision
@@ -14,26 +16,40 @@ from tomec import methods
 
 from .helpers import TOLERANCE, compile_tomec, reference_of, relative_error
 
-IMAGE, PATCH, DIM, DEPTH, HEADS, MLP, CLASSES = 96, 16, 64, 3, 4, 128, 10
+class Dims(NamedTuple):
+    image: int
+    patch: int
+    dim: int
+    depth: int
+    heads: int
+    mlp: int
+    classes: int
+
+
+SMALL = Dims(96, 16, 64, 3, 4, 128, 10)
+VIT_B16 = Dims(224, 16, 768, 12, 12, 3072, 1000)  # torchvision's vit_b_16, timm's vit_base_patch16_224
+IMAGE, PATCH, DIM, DEPTH, HEADS, MLP, CLASSES = SMALL
 TOKENS = (IMAGE // PATCH) ** 2 + 1
 R = 12
 
 
-def timm_vit() -> nn.Module:
+def timm_vit(dims: Dims = SMALL) -> nn.Module:
     torch.manual_seed(0)
-    model = VisionTransformer(img_size=IMAGE, patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=HEADS,
-                              mlp_ratio=MLP / DIM, num_classes=CLASSES).eval()
+    model = VisionTransformer(img_size=dims.image, patch_size=dims.patch, embed_dim=dims.dim,
+                              depth=dims.depth, num_heads=dims.heads, mlp_ratio=dims.mlp / dims.dim,
+                              num_classes=dims.classes).eval()
     with torch.no_grad():  # timm zero-inits the head and biases: random values exercise the conversion
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return model
 
 
-def torchvision_vit(source: nn.Module) -> nn.Module:
+def torchvision_vit(source: nn.Module, dims: Dims = SMALL) -> nn.Module:
     """torchvision's ViT with ``source``'s (timm) weights."""
-    model = torchvision.models.VisionTransformer(image_size=IMAGE, patch_size=PATCH, num_layers=DEPTH,
-                                                 num_heads=HEADS, hidden_dim=DIM, mlp_dim=MLP,
-                                                 num_classes=CLASSES).eval()
+    model = torchvision.models.VisionTransformer(
+        image_size=dims.image, patch_size=dims.patch, num_layers=dims.depth, num_heads=dims.heads,
+        hidden_dim=dims.dim, mlp_dim=dims.mlp, num_classes=dims.classes,
+    ).eval()
     s = source.state_dict()
     state = {
         "class_token": s["cls_token"], "encoder.pos_embedding": s["pos_embed"],
@@ -41,7 +57,7 @@ def torchvision_vit(source: nn.Module) -> nn.Module:
         "encoder.ln.weight": s["norm.weight"], "encoder.ln.bias": s["norm.bias"],
         "heads.head.weight": s["head.weight"], "heads.head.bias": s["head.bias"],
     }
-    for i in range(DEPTH):
+    for i in range(dims.depth):
         t, b = f"encoder.layers.encoder_layer_{i}.", f"blocks.{i}."
         for name, timm_name in (("ln_1", "norm1"), ("ln_2", "norm2"), ("mlp.0", "mlp.fc1"),
                                 ("mlp.3", "mlp.fc2"), ("self_attention.out_proj", "attn.proj")):
@@ -53,12 +69,13 @@ def torchvision_vit(source: nn.Module) -> nn.Module:
     return model
 
 
-def hf_vit(source: nn.Module, attn_implementation: str) -> nn.Module:
+def hf_vit(source: nn.Module, attn_implementation: str, dims: Dims = SMALL) -> nn.Module:
     """Hugging Face's ``ViTForImageClassification`` with ``source``'s (timm) weights."""
     transformers = pytest.importorskip("transformers", reason="the test extra installs transformers")
-    config = transformers.ViTConfig(image_size=IMAGE, patch_size=PATCH, num_hidden_layers=DEPTH,
-                                    hidden_size=DIM, num_attention_heads=HEADS, intermediate_size=MLP,
-                                    num_labels=CLASSES, layer_norm_eps=1e-6,
+    config = transformers.ViTConfig(image_size=dims.image, patch_size=dims.patch,
+                                    num_hidden_layers=dims.depth, hidden_size=dims.dim,
+                                    num_attention_heads=dims.heads, intermediate_size=dims.mlp,
+                                    num_labels=dims.classes, layer_norm_eps=1e-6,
                                     attn_implementation=attn_implementation)
     model = transformers.ViTForImageClassification(config).eval()
     s = source.state_dict()
@@ -70,7 +87,7 @@ def hf_vit(source: nn.Module, attn_implementation: str) -> nn.Module:
         "classifier.weight": s["head.weight"], "classifier.bias": s["head.bias"],
     }
     ours = model.state_dict()
-    for i in range(DEPTH):  # transformers 5 names (q/k/v/o_proj, mlp.fc1/fc2)
+    for i in range(dims.depth):  # transformers 5 names (q/k/v/o_proj, mlp.fc1/fc2)
         h, b = f"vit.layers.{i}.", f"blocks.{i}."
         for p in ("weight", "bias"):
             for part, name in zip(s[f"{b}attn.qkv.{p}"].chunk(3), ("q_proj", "k_proj", "v_proj")):
@@ -116,6 +133,28 @@ def test_converted_weights_give_the_same_unmerged_logits(models, x):
         expect = models["timm"](x)
         for name, model in models.items():
             assert relative_error(model(x), expect) <= TOLERANCE, name
+
+
+def test_vit_b16_same_weights_same_merged_logits():
+    """Full-size ViT-B/16 (torchvision's ``vit_b_16`` architecture): one set of random weights in
+    timm, torchvision and Hugging Face gives the same merged logits as timm's eager reference, and
+    the tokens entering each block follow the schedule."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in torchvision.models.vit_b_16().state_dict().items()}
+    source = timm_vit(VIT_B16)
+    models = {"timm": source, "torchvision": torchvision_vit(source, VIT_B16),
+              "hf_sdpa": Logits(hf_vit(source, "sdpa", VIT_B16))}
+    assert {k: v.shape for k, v in models["torchvision"].state_dict().items()} == shapes
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    r = 96  # 8 per block
+    ref = reference_of(source, method="tome", r=r, inflect=0)
+    with torch.no_grad():
+        expect = ref(x)
+        for name, model in models.items():
+            merged, be = compile_tomec(model, method="tome", r=r, inflect=0, compiler="eager")
+            err = relative_error(merged(x), expect)
+            assert err <= TOLERANCE, f"{name}: relative error {err:.2e} against timm's eager reference"
+            assert be.schedule == [8] * 12 and be.tokens_per_block == [197 - 8 * i for i in range(12)]
 
 
 @pytest.mark.parametrize("name", ["torchvision", "hf_eager", "hf_sdpa"])
