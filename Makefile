@@ -18,11 +18,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m tomec.demo
 
-# The whole suite. Kernel tests run in their own process under TRITON_INTERPRET=1 (the variable must
-# be set before triton is imported).
+# The whole suite, in TEST_WORKERS processes (pytest-xdist; one thread each: the Inductor compiles
+# that dominate the suite are single-threaded). Kernel tests run in their own processes under
+# TRITON_INTERPRET=1 (the variable must be set before triton is imported).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m pytest -q tests --ignore=tests/kernels
-	@if [ -d tests/kernels ]; then TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests/kernels; fi
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15 tests --ignore=tests/kernels
+	@if [ -d tests/kernels ]; then TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests/kernels; fi
 
 # Everything but the Inductor compiles (seconds instead of minutes).
 test-fast: $(STAMP)
