@@ -62,3 +62,21 @@ def test_through_the_op_layer_with_strides():
     x = torch.randn(2, 37, 8, generator=g)
     dest = mctf_match(x, q, k, size, 12, 1, impl="triton")[0]
     assert torch.equal(dest, mctf_match(x, q, k, size, 12, 1)[0])
+
+
+@pytest.mark.parametrize("with_size", [False, True])
+def test_attention_received_gradients_equal_torch(with_size):
+    """The kernel's registered backward (the PyTorch formula's vector-Jacobian product) against
+    autograd through the PyTorch op (fp32): MCTF's weights are differentiable in training."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 2, 19, 8, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 19, 8, generator=g, requires_grad=True)
+    size = (torch.randint(1, 4, (2, 19, 1), generator=g).float().requires_grad_() if with_size else None)
+    inputs = [t for t in (q, k, size) if t is not None]
+    upstream = torch.randn(2, 19, generator=g)
+    grads = {}
+    for impl in ("triton", "torch"):
+        out = attention_received(q, k, size, 0.3, impl=impl)
+        grads[impl] = torch.autograd.grad((out * upstream).sum(), inputs)
+    for a, b in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

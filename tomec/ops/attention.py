@@ -10,7 +10,7 @@ from torch import Tensor
 
 from tomec.errors import ConfigError
 
-from .common import check_dtype, resolve_impl
+from .common import check_dtype, register_vjp_autograd, resolve_impl
 
 
 def log_size_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
@@ -107,10 +107,17 @@ def attention_received(
     bias = size if (prop_attn and size is not None) else None
     # fp64 stays on the PyTorch path: the kernel accumulates in fp32
     if resolve_impl(impl, q.device) == "triton" and q.dtype != torch.float64:
+        register_vjp_autograd("tomec::attention_received", _attention_received, differentiable=(0, 1, 2))
         return torch.ops.tomec.attention_received(q, k, bias, float(scale))
+    return _attention_received(q, k, bias, scale)
+
+
+def _attention_received(q: Tensor, k: Tensor, size: Optional[Tensor], scale: float) -> Tensor:
+    """The plain-PyTorch attention received (``size``: the log-size bias's sizes, or None); also
+    the Triton kernel's gradient formula."""
     wide = torch.float64 if q.dtype == torch.float64 else torch.float32
     logits = (q.to(wide) * scale) @ k.to(wide).transpose(-1, -2)  # [B, H, N, N]
-    if bias is not None:
-        logits = logits + bias.to(wide).log().squeeze(-1)[:, None, None, :]
+    if size is not None:
+        logits = logits + size.to(wide).log().squeeze(-1)[:, None, None, :]
     lse = logits.logsumexp(dim=-1, keepdim=True)
     return (logits - lse).exp().mean(dim=(1, 2))

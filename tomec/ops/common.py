@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -77,3 +78,42 @@ def descending_rank(score: Tensor) -> Tensor:
     other, me = score.unsqueeze(-2), score.unsqueeze(-1)  # [B, 1, n] (j), [B, n, 1] (i)
     before = (other > me) | ((other == me) & (idx.view(1, 1, n) < idx.view(1, n, 1)))
     return before.sum(-1)
+
+
+_autograd_registered: set[str] = set()
+
+
+def register_vjp_autograd(op: str, reference: Callable[..., object], differentiable: Sequence[int]) -> None:
+    """Give the Triton op ``op`` (``"tomec::name"``) the gradients of ``reference``, a PyTorch
+    function of the same arguments that computes the same values.
+
+    The backward is ``torch.func.vjp`` of ``reference`` with respect to the argument positions in
+    ``differentiable`` (those that are tensors in the call), so AOTAutograd traces it into the
+    compiled backward like any PyTorch code. Registered once per op.
+    """
+    if op in _autograd_registered:
+        return
+
+    def setup_context(ctx, inputs, output):
+        ctx.tensor_slots = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
+        ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_slots))
+        ctx.inputs = [None if isinstance(a, torch.Tensor) else a for a in inputs]
+
+    def backward(ctx, *grads):
+        inputs = list(ctx.inputs)
+        for i, t in zip(ctx.tensor_slots, ctx.saved_tensors):
+            inputs[i] = t
+        wanted = [i for i in differentiable if isinstance(inputs[i], torch.Tensor)]
+
+        def run(*tensors):
+            args = list(inputs)
+            for i, t in zip(wanted, tensors):
+                args[i] = t
+            return reference(*args)
+
+        _, vjp = torch.func.vjp(run, *(inputs[i] for i in wanted))
+        found = dict(zip(wanted, vjp(grads if len(grads) > 1 else grads[0])))
+        return tuple(found.get(i) for i in range(len(inputs)))
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+    _autograd_registered.add(op)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from tomec.errors import ConfigError
 
-from .common import check_dtype, resolve_impl
+from .common import check_dtype, register_vjp_autograd, resolve_impl
 
 MERGE_MODES = ("mean", "norm_preserving")
 
@@ -117,40 +117,14 @@ def merge_dense(
     return x_out, onehot @ size
 
 
-_merge_autograd_registered = False
-
-
 def _register_merge_autograd() -> None:
-    """Gradients of ``torch.ops.tomec.merge`` with respect to ``x``, ``size`` and ``w``.
-
-    The backward is the vector-Jacobian product of :func:`merge_dense` (``torch.func.vjp``), so
-    AOTAutograd traces it into the compiled backward like any PyTorch code. The destination map is
-    a discrete choice and gets no gradient.
-    """
-    global _merge_autograd_registered
-    if _merge_autograd_registered:
-        return
-
-    def setup_context(ctx, inputs, output):
-        x, size, dest, n_out, w, mode = inputs
-        ctx.save_for_backward(x, size, dest, w)
-        ctx.n_out, ctx.mode = n_out, MERGE_MODES[mode]
-
-    def backward(ctx, grad_out, grad_size):
-        x, size, dest, w = ctx.saved_tensors
-        args = {"x": x, "size": size, "w": w}
-        wanted = [name for name, t in args.items() if t is not None]
-
-        def run(*tensors):
-            given = {**args, **dict(zip(wanted, tensors))}
-            return merge_dense(given["x"], given["size"], dest, ctx.n_out, given["w"], ctx.mode)
-
-        _, vjp = torch.func.vjp(run, *(args[name] for name in wanted))
-        grads = dict(zip(wanted, vjp((grad_out, grad_size))))
-        return grads["x"], grads.get("size"), None, None, grads.get("w"), None
-
-    torch.library.register_autograd("tomec::merge", backward, setup_context=setup_context)
-    _merge_autograd_registered = True
+    """Gradients of ``torch.ops.tomec.merge`` with respect to ``x``, ``size`` and ``w``: those of
+    :func:`merge_dense`. The destination map is a discrete choice and gets no gradient."""
+    register_vjp_autograd(
+        "tomec::merge",
+        lambda x, size, dest, n_out, w, mode: merge_dense(x, size, dest, n_out, w, MERGE_MODES[mode]),
+        differentiable=(0, 1, 4),
+    )
 
 
 def compose_source(source: Optional[Tensor], dest: Tensor, *, impl: str = "torch") -> Tensor:
