@@ -36,4 +36,4 @@ def load() -> None:
     reason = unavailable_reason()
     if reason is not None:
         raise ImportError(reason)
-    from . import match, mctf, merge, pitome  # noqa: F401
+    from . import atc, crossget, match, mctf, merge, pitome  # noqa: F401

@@ -38,8 +38,11 @@ def test_fake_functions_on_cuda(dtype):
             assert (pitome.shape, pitome.dtype, pitome.device.type) == ((4, 197), torch.int64, "cuda")
         source = torch.ops.tomec.compose_source(dest, dest)
         assert (source.shape, source.dtype) == ((4, 197), torch.int64)
+        labels = torch.ops.tomec.atc_cluster_triton(torch.empty(4, 196, 196, device="cuda", dtype=dtype), 20)
+        assert (labels.shape, labels.dtype, labels.device.type) == ((4, 196), torch.int64, "cuda")
         # and through the op layer, as the passes call it
         assert ops.bipartite_match(metric, 20, 1, impl="triton").shape == (4, 197)
+        assert ops.atc_match(metric, 20, 1, impl="triton").shape == (4, 197)
         assert ops.merge(x, None, dest, 177, impl="auto")[0].shape == (4, 177, 384)
 
 

@@ -109,7 +109,7 @@ def atc_match(metric: Tensor, r: int, protected: int = 0, *, impl: str = "torch"
     check_dtype(metric.dtype, "the merge metric")
     if metric.dim() not in (3, 4):
         raise ConfigError(f"metric must be [B, N, d] or keys [B, H, N, d], got {list(metric.shape)}")
-    resolve_impl(impl, metric.device)  # validates; the clustering is the custom op on any device
+    use_triton = resolve_impl(impl, metric.device) == "triton"
     if metric.dim() == 4:
         metric = metric.mean(1)
     batch, n, _ = metric.shape
@@ -127,5 +127,8 @@ def atc_match(metric: Tensor, r: int, protected: int = 0, *, impl: str = "torch"
         return torch.arange(n, device=device).expand(batch, n)
     # The clustering is discrete: no gradient flows through it (the merge itself stays differentiable).
     dist = _cosine_distance(metric[:, protected:].detach())
-    labels = torch.ops.tomec.atc_cluster(dist, r)
+    if use_triton:  # the same labels, bit for bit, from one launch (kernels/atc.py)
+        labels = torch.ops.tomec.atc_cluster_triton(dist, r)
+    else:
+        labels = torch.ops.tomec.atc_cluster(dist, r)
     return torch.cat([head, protected + labels], dim=1)

@@ -18,6 +18,10 @@ folders); the cross-modal parts (the learned cross token, text guidance) are lef
   importance (plus log size) over each merged group, which equals the official result for a pair of
   equal-size tokens and stays a proper weighted mean for larger groups.
 - Output order: the kept (non-source) tokens in their original order (protected ones first).
+
+With ``impl="triton"`` (fp32 scores; fp64 stays PyTorch) the three row maxima (best similarity,
+adjusted similarity, destination) run in ``torch.ops.tomec.crossget_rowmax``, which recomputes the
+symmetric cosine tile by tile with the same formula and roundings: no ``N × N`` tensor is stored.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from torch import Tensor
 
 from tomec.errors import ConfigError
 
-from .common import check_dtype, descending_rank, resolve_impl
+from .common import check_dtype, descending_rank, inv_norm, resolve_impl
 from .matching import _check_metric, _cosine, _scoring_metric
 
 __all__ = ["crossget_match", "crossget_importance"]
@@ -89,7 +93,7 @@ def crossget_match(
     check_dtype(query.dtype, "the queries")
     dtype = metric.dtype if x is None else x.dtype
     device = metric.device
-    resolve_impl(impl, device)  # validates; the matching stays PyTorch (fused by Inductor)
+    use_triton = resolve_impl(impl, device) == "triton"
 
     sizes = torch.ones(batch, n, 1, device=device, dtype=dtype) if size is None else size
     if r == 0:  # every group a single token: the weights cancel
@@ -97,6 +101,26 @@ def crossget_match(
     importance = crossget_importance(metric, query, protected, guided)  # [B, N]
 
     m = _scoring_metric(metric)
+    if use_triton and m.dtype == torch.float32:  # fp64 stays PyTorch
+        is_src, partner = _select_triton(m, importance, r, protected)
+    else:
+        is_src, partner = _select_torch(m, importance, r, protected)
+    kept_slot = (~is_src).cumsum(-1) - 1  # kept tokens keep their order
+    dest = torch.where(is_src, kept_slot.gather(1, partner), kept_slot)
+
+    # Ensemble weights: size · exp(importance), measured from the group's kept token (a constant per
+    # group, so the group's softmax is unchanged): a token left alone gets exactly its size, and its
+    # value passes the merge unchanged, as in ToMe.
+    anchor = torch.where(is_src, partner, torch.arange(n, device=device))
+    relative = (importance - importance.gather(1, anchor)).exp().unsqueeze(-1)
+    w = (sizes.to(relative.dtype) * relative).to(dtype)
+    return dest, w, sizes
+
+
+def _select_torch(m: Tensor, importance: Tensor, r: int, protected: int) -> tuple[Tensor, Tensor]:
+    """The sources ``[B, N]`` bool and every token's most similar non-source ``[B, N]``, with the
+    ``N × N`` similarity in memory (the plain-PyTorch reference)."""
+    n, device = m.shape[1], m.device
     sim = _cosine(m, m)  # [B, N, N]
     # Exactly symmetric: a mutual best pair always ties on its best similarity, and the tie must
     # go to the lower index, not to whichever rounding of the two products came out larger.
@@ -116,13 +140,18 @@ def crossget_match(
 
     # A source's destination: its most similar non-source (torch.max takes the first maximum).
     partner = sim.masked_fill(is_src.unsqueeze(-2), float("-inf")).argmax(-1)  # [B, N]
-    kept_slot = (~is_src).cumsum(-1) - 1  # kept tokens keep their order
-    dest = torch.where(is_src, kept_slot.gather(1, partner), kept_slot)
+    return is_src, partner
 
-    # Ensemble weights: size · exp(importance), measured from the group's kept token (a constant per
-    # group, so the group's softmax is unchanged): a token left alone gets exactly its size, and its
-    # value passes the merge unchanged, as in ToMe.
-    anchor = torch.where(is_src, partner, torch.arange(n, device=device))
-    relative = (importance - importance.gather(1, anchor)).exp().unsqueeze(-1)
-    w = (sizes.to(relative.dtype) * relative).to(dtype)
-    return dest, w, sizes
+
+def _select_triton(m: Tensor, importance: Tensor, r: int, protected: int) -> tuple[Tensor, Tensor]:
+    """:func:`_select_torch` with the three row maxima in ``torch.ops.tomec.crossget_rowmax`` (the
+    similarity recomputed tile by tile, never stored; the same formula and roundings)."""
+    inv = inv_norm(m)
+    zero = torch.zeros(m.shape[:2], device=m.device, dtype=torch.int64)
+    rowmax = torch.ops.tomec.crossget_rowmax
+    best, _ = rowmax(m, inv, zero - 1, zero, protected)  # every column
+    rank = descending_rank(best)
+    adjusted, _ = rowmax(m, inv, rank, rank, protected)  # the columns ranked after the row
+    is_src = descending_rank(adjusted - importance) < r
+    _, partner = rowmax(m, inv, zero, (~is_src).to(torch.int64), protected)  # the non-sources
+    return is_src, partner

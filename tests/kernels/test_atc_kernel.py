@@ -1,0 +1,110 @@
+"""ATC's clustering kernel against the plain-PyTorch op ``tomec::atc_cluster``, under TRITON_INTERPRET=1.
+
+The labels must be equal exactly (they are discrete decisions): random and tie-heavy (integer-valued)
+distances, fp32/fp16/fp64, r = 0, 1, mid and T - 1, one and several argmin tiles (ties across tiles),
+non-contiguous inputs, and through ``atc_match`` with protected tokens. Outputs are poisoned before
+each launch and checked as fully written.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("kernel tests need TRITON_INTERPRET=1 (run by `make test`)", allow_module_level=True)
+
+from tomec.kernels.atc import launch_atc_cluster  # noqa: E402
+from tomec.ops import atc_match  # noqa: E402
+from tomec.ops.atc import atc_cluster  # noqa: E402
+
+POISON = -7
+
+
+def merges(t):
+    return sorted({0, 1, t // 2, t - 1})
+
+
+def check(dist, r, block_r=None, partition=True):
+    out = torch.full(dist.shape[:2], POISON, dtype=torch.int64)
+    launch_atc_cluster(dist, r, out, block_r=block_r)
+    assert (out != POISON).all()  # every element written
+    expected = atc_cluster(dist, r)
+    assert torch.equal(out, expected), (r, out, expected)
+    t = dist.shape[1]
+    assert not partition or all(set(row.tolist()) == set(range(t - r)) for row in out)  # T - r clusters, 0-based
+
+
+def random_dist(batch, t, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, t, t, generator=g, dtype=torch.float64).to(dtype)
+
+
+def integer_dist(batch, t, dtype, seed, high=4):
+    """Few distinct values: many exactly equal linkages, decided by the row-major tie rule."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, high, (batch, t, t), generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("t,batch,dtype", [(5, 3, torch.float32), (17, 2, torch.float32),
+                                           (40, 2, torch.float32), (23, 2, torch.float16),
+                                           (12, 2, torch.float64)])
+def test_random_distances(t, batch, dtype):
+    dist = random_dist(batch, t, dtype, seed=t)
+    for r in merges(t):
+        check(dist, r)
+
+
+@pytest.mark.parametrize("t,dtype,high", [(9, torch.float32, 2), (31, torch.float32, 4),
+                                          (40, torch.float32, 3), (26, torch.float16, 3)])
+def test_tie_heavy_distances(t, dtype, high):
+    dist = integer_dist(3, t, dtype, seed=t + high, high=high)
+    for r in merges(t):
+        check(dist, r)
+
+
+@pytest.mark.parametrize("block_r", [2, 8])
+def test_several_argmin_tiles_keep_the_first_minimum(block_r):
+    """Tiles of 2 and 8 rows: a minimum in a later tile never displaces an equal one before it."""
+    t = 21
+    for dist in (integer_dist(2, t, torch.float32, seed=5, high=2), torch.ones(2, t, t),
+                 random_dist(2, t, torch.float32, seed=6)):
+        for r in merges(t):
+            check(dist, r, block_r=block_r)
+
+
+def test_reads_the_upper_triangle_of_non_contiguous_input():
+    g = torch.Generator().manual_seed(1)
+    base = torch.rand(2, 19, 19, generator=g)
+    dist = base.transpose(1, 2)  # not symmetric, not contiguous: only i < j counts
+    assert not dist.is_contiguous()
+    for r in (3, 18):
+        check(dist, r)
+    wide = torch.rand(2, 19, 40, generator=g)[:, :, 3:22]  # a slice with row stride 40
+    check(wide, 9)
+
+
+def test_all_inf_distances_match_the_degenerate_torch_path():
+    """An all-inf matrix: the flattened argmin is (0, 0), as in PyTorch (no live finite pair): the
+    kernel follows the PyTorch op even there (point 0's cluster dies: label -1)."""
+    dist = torch.full((1, 6, 6), float("inf"))
+    for r in (1, 3):
+        check(dist, r, partition=False)
+
+
+@pytest.mark.parametrize("n,protected,heads", [(24, 0, 0), (25, 1, 3), (38, 2, 0)])
+def test_through_the_op_layer(n, protected, heads):
+    g = torch.Generator().manual_seed(n)
+    shape = (2, heads, n, 8) if heads else (2, n, 8)
+    metric = torch.randn(*shape, generator=g)
+    t = n - protected
+    for r in merges(t):
+        got = atc_match(metric, r, protected, impl="triton")
+        assert torch.equal(got, atc_match(metric, r, protected)), r
+    # tie-heavy: repeated feature rows give exactly equal cosine distances
+    rows = torch.randn(4, 8, generator=g)
+    metric = rows[torch.randint(0, 4, (2, n), generator=g)]
+    for r in merges(t):
+        assert torch.equal(atc_match(metric, r, protected, impl="triton"), atc_match(metric, r, protected)), r
