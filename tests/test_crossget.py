@@ -143,26 +143,6 @@ def test_scoring_in_fp32_and_weights_in_the_tokens_dtype():
     assert (got == want).float().mean() > 0.8
 
 
-def test_merge_step_conserves_sizes_and_keeps_protected():
-    g = torch.Generator().manual_seed(3)
-    n, protected, heads = 41, 2, 4
-    x = torch.randn(3, n, 16, generator=g)
-    keys, queries = (torch.randn(3, heads, n, 8, generator=g) for _ in range(2))
-    size, source = None, None
-    prefix = x[:, :protected].clone()
-    options = methods.get("crossget").check_options({})
-    for layer, r in enumerate([10, 8, 5]):
-        x, size, source = methods.merge_step(
-            x, size, source, keys[:, :, : x.shape[1]], queries[:, :, : x.shape[1]], method="crossget",
-            r=r, protected=protected, layer=layer, num_layers=6, trace_source=True, options=options,
-        )
-        torch.testing.assert_close(x[:, :protected], prefix)
-        assert torch.equal(size.sum((1, 2)), torch.full((3,), float(n)))
-        for b in range(3):
-            counts = torch.bincount(source[b], minlength=x.shape[1]).float()
-            assert torch.equal(counts, size[b, :, 0])
-
-
 def test_r0_merge_step_is_the_identity():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 9, 8, generator=g)

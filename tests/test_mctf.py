@@ -157,29 +157,6 @@ def test_every_r_up_to_the_cap_is_a_valid_map():
         mctf_match(*inputs(197, seed=0, heads=1), 99, 1)
 
 
-def test_merge_step_properties():
-    """Sizes sum to the patches, protected tokens first and unchanged, the source map agrees."""
-    g = torch.Generator().manual_seed(3)
-    n, protected, heads = 41, 2, 4
-    x = torch.randn(3, n, 16, generator=g)
-    keys, queries = (torch.randn(3, heads, n, 8, generator=g) for _ in range(2))
-    size, source = None, None
-    prefix = x[:, :protected].clone()
-    options = methods.get("mctf").check_options({})
-    for layer, r in enumerate([19, 9, 5, 0]):
-        n_in = x.shape[1]
-        x, size, source = methods.merge_step(
-            x, size, source, keys[:, :, :n_in], queries[:, :, :n_in], method="mctf", r=r,
-            protected=protected, layer=layer, num_layers=4, scale=0.3, trace_source=True, options=options,
-        )
-        assert x.shape[1] == size.shape[1] == n_in - r
-        torch.testing.assert_close(x[:, :protected], prefix)
-        for b in range(3):
-            counts = torch.bincount(source[b], minlength=x.shape[1]).float()
-            assert (counts >= 1).all() and counts.sum() == n
-            assert torch.equal(counts, size[b, :, 0])
-
-
 def test_merge_weights_are_attention_times_size():
     x, q, k, size = inputs(11, seed=4)
     dest, w, _ = mctf_match(x, q, k, size, 4, 1, scale=0.5)

@@ -252,3 +252,38 @@ def test_diffrate_sizes_stay_positive_for_dissimilar_sources():
     assert (size >= 1).all()
     _, size_out = ops.merge(x, size, dest, 3, torch.ones_like(size))
     assert torch.isfinite(size_out.log()).all() and size_out.sum() >= 5
+
+
+# --- every method's block step ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", [m for m in methods.available() if methods.get(m).site == "attention"])
+def test_merge_steps_conserve_patches_and_keep_protected_tokens(method):
+    """Three chained block steps (one for FPET, whose grid must be square): protected tokens first
+    and unchanged, every output token holds at least one original patch, and (where sizes count
+    patches: all but DiffRate's similarity-scaled sizes) sizes equal the source map's counts."""
+    spec = methods.get(method)
+    g = torch.Generator().manual_seed(3)
+    n, protected, heads = 38, 2, 4  # 36 patches: a 6 x 6 grid
+    x = torch.randn(3, n, 16, generator=g)
+    keys, queries = (torch.randn(3, heads, n, 8, generator=g) for _ in range(2))
+    size, source = None, None
+    prefix = x[:, :protected].clone()
+    options = spec.check_options({})
+    for layer, r in enumerate([8] if method == "fpet" else [8, 5, 3], start=3):  # the merging half
+        n_in = x.shape[1]
+        params = None
+        if spec.params is not None:
+            params = spec.params(options, layer=layer, num_layers=6, channels=16, head_dim=8)
+        x, size, source = methods.merge_step(
+            x, size, source, keys[:, :, :n_in], queries[:, :, :n_in], method=method, r=r,
+            protected=protected, layer=layer, num_layers=6, scale=0.3, trace_source=True,
+            options=options, attn_in=x, params=params,
+        )
+        assert x.shape[1] == size.shape[1] == n_in - r
+        torch.testing.assert_close(x[:, :protected], prefix)
+        for b in range(3):
+            counts = torch.bincount(source[b], minlength=x.shape[1]).float()
+            assert (counts >= 1).all() and counts.sum() == n
+            if method != "diffrate":
+                assert torch.equal(counts, size[b, :, 0])
