@@ -137,6 +137,13 @@ def _learned_params(gm, block, plan, config) -> Optional[dict[str, Node]]:
     for name, tensor in tensors.items():
         attr = f"_tomec_{method.name}_{block.index}_{name}"
         gm.register_buffer(attr, tensor.detach().to(device=k.device, dtype=block.dtype).clone())
+        sources = getattr(gm, "_param_name_to_source", None)
+        if sources is not None:
+            # AOTAutograd lifts a Dynamo graph's attributes as inputs and wants each one's source;
+            # these are tomec's own constants, guarded by nothing
+            from torch._dynamo.source import ConstantSource
+
+            gm._param_name_to_source = {**sources, attr: ConstantSource(attr)}  # Dynamo's stays as is
         with gm.graph.inserting_before(block.residual):
             nodes[name] = gm.graph.get_attr(attr)
     return nodes
