@@ -95,10 +95,11 @@ def trace(model, x):
 
 
 def check_parity(name, fused, batch, prop_attn=True, compiler="eager", method="tome", r=None,
-                 trace_source=False, **kwargs):
+                 trace_source=False, depth=None, **kwargs):
     """Compiled tomec against the eager reference on a random-weight model: schedule, tokens per
-    block, logits within TOLERANCE, the merge really changes the answer, equal source maps."""
-    model = make_model(name, fused)
+    block, logits within TOLERANCE, the merge really changes the answer, equal source maps.
+    ``depth``: fewer blocks than the model's own (shorter Inductor compiles)."""
+    model = make_model(name, fused, **({} if depth is None else {"depth": depth}))
     x = images(name, batch)
     r = R[name] if r is None else r
     compiled, be = compile_tomec(model, method=method, r=r, prop_attn=prop_attn, compiler=compiler,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tomec
-from tests.helpers import check_parity, compile_tomec, images, make_model, tie_metric
+from tests.helpers import check_parity, tie_metric
 from tests.oracles import fpet as fpet_oracle
 from tests.oracles import tome as tome_oracle
 from tomec import methods
@@ -124,10 +124,5 @@ def test_model_parity(fused, batch, prop_attn):
     assert be.schedule == [0, 0, 0, 50, 0, 0]
 
 
-def test_r0_is_the_plain_model():
-    model = make_model("test_vit")
-    x = images("test_vit", 2)
-    compiled, be = compile_tomec(model, method="fpet", r=0, compiler="eager")
-    with torch.no_grad():
-        assert torch.equal(compiled(x), model(x))
-    assert be.schedule == [0] * 6 and methods.get("fpet").reduction_blocks(6, {"block": None}) == [3]
+def test_default_block_is_the_middle_one():
+    assert methods.get("fpet").reduction_blocks(6, {"block": None}) == [3]
