@@ -100,17 +100,54 @@ def test_search_returns_a_schedule_within_budget(digits_setup):
 
 def test_search_moves_the_schedule_toward_the_target(digits_setup):
     """The MACs penalty's gradient reaches the kept counts: before any step every count sits at the
-    middle (about 55% of the MACs); 20 steps bring the learned schedule itself (before the final
-    trimming) much closer to a 30% target."""
+    middle (about 55% of the MACs); 40 steps bring the learned schedule itself (before the final
+    scaling) much closer to a 30% target, so it needs less of a correction."""
     model, (x_train, y_train, *_) = digits_setup
     full = ds.schedule_macs(model, {"prune_kept": [65] * 6, "merge_kept": [65] * 6})
     kwargs = dict(target_macs=0.3 * full, batch=16, progress=False, compress_first=True)
     start = ds.search_diffrate(model, x_train[:512], y_train[:512], steps=0, **kwargs)
-    found = ds.search_diffrate(model, x_train[:512], y_train[:512], steps=20, **kwargs)
-    assert start["untrimmed_macs"] > 0.5 * full
-    gap = lambda r: abs(r["untrimmed_macs"] - 0.3 * full)  # noqa: E731
+    found = ds.search_diffrate(model, x_train[:512], y_train[:512], steps=40, **kwargs)
+    assert start["learned_macs"] > 0.5 * full
+    gap = lambda r: abs(r["learned_macs"] - 0.3 * full)  # noqa: E731
     assert gap(found) < 0.5 * gap(start)
-    assert found["trimmed"] < start["trimmed"]
+    assert abs(found["scale"] - 1) < abs(start["scale"] - 1)
+
+
+def test_scale_spends_the_budget_as_learned(digits_setup):
+    """The returned schedule is the learned one times one factor: within the budget and filling it
+    (one more step of the factor would exceed it), whether the learned one was above or below."""
+    model, (x_train, y_train, *_) = digits_setup
+    full = ds.schedule_macs(model, {"prune_kept": [65] * 6, "merge_kept": [65] * 6})
+    for target in (0.2, 0.7):  # the untrained counts (about 55%) are above one and below the other
+        found = ds.search_diffrate(model, x_train[:64], y_train[:64], target_macs=target * full,
+                                   steps=0, progress=False, compress_first=True)
+        assert 0.9 * target * full < found["macs"] <= target * full  # spent, not undercut
+        above = found["learned_macs"] > target * full
+        assert above == (target == 0.2)
+        assert (found["scale"] < 1) == above
+
+
+def test_geometric_baseline_at_one_half_is_the_halving_schedule(digits_setup):
+    """The untrained baseline of the recorded search at rho = 0.5 is r-style [32, 16, 8, 4, 2, 1]."""
+    from tomec.bench.finetune_diffrate import geometric_kept
+    from tomec.flops import flops_report
+
+    model, _ = digits_setup
+    kept = flops_report(model, "diffrate", kept=geometric_kept(0.5))
+    plain = flops_report(model, "diffrate", schedule=[32, 16, 8, 4, 2, 1])
+    assert kept["schedule"] == plain["schedule"] == [32, 16, 8, 4, 2, 1]
+    assert kept["macs"] == plain["macs"]
+
+
+def test_ste_min_sends_the_gradient_to_both_counts():
+    """DiffRate's straight-through min: the value is the smallest, the gradient reaches the block's
+    prune and merge counts both, and not the tokens coming in."""
+    n_in = torch.tensor(20.0, requires_grad=True)
+    prune, merge = torch.tensor(30.0, requires_grad=True), torch.tensor(12.0, requires_grad=True)
+    out = ds._ste_min(n_in, prune, merge)
+    assert out.item() == 12.0
+    out.backward()
+    assert prune.grad.item() == 1.0 and merge.grad.item() == 1.0 and n_in.grad is None
 
 
 def test_search_rejects_an_impossible_target(digits_setup):
@@ -120,10 +157,14 @@ def test_search_rejects_an_impossible_target(digits_setup):
 
 
 def test_recorded_result_reproduces(digits_setup):
+    """The recorded searched schedules and baselines give the recorded test accuracy and NLL."""
     model, (_, _, x_test, y_test) = digits_setup
-    recorded = json.loads(RESULTS.read_text())["rows"][0]
-    ref = reference.patch(copy.deepcopy(model), method="diffrate", kept=recorded["searched_kept"])
-    assert digits.accuracy_of(ref, x_test, y_test) == pytest.approx(recorded["searched_accuracy"])
-    base = reference.patch(copy.deepcopy(model), method="diffrate", schedule=recorded["baseline_schedule"])
-    assert digits.accuracy_of(base, x_test, y_test) == pytest.approx(recorded["baseline_accuracy"])
-    assert recorded["searched_macs_ratio"] <= recorded["baseline_macs_ratio"]
+    row = json.loads(RESULTS.read_text())["rows"][0]
+    for kept, scores in [(row["baseline_kept"], row["baseline"])] + [
+        (s["kept"], s) for s in row["searched"][:1]
+    ]:
+        ref = reference.patch(copy.deepcopy(model), method="diffrate", kept=kept)
+        got = digits.scores_of(ref, x_test, y_test)
+        assert got["accuracy"] == pytest.approx(scores["accuracy"])
+        assert got["nll"] == pytest.approx(scores["nll"], rel=1e-4)
+    assert all(s["macs_ratio"] <= row["baseline_macs_ratio"] for s in row["searched"])
