@@ -173,14 +173,16 @@ def test_parity_compiled_vs_reference_same_heads(fused, batch):
 # --- training ---------------------------------------------------------------------------------
 
 
-def test_train_heads_trains_only_the_heads():
+@pytest.mark.parametrize("how", [dict(r=40), dict(schedule=[16, 8, 4, 2, 1, 0], distill=True)])
+def test_train_heads_trains_only_the_heads(how):
     from tomec.bench.digits import digits_data, load_trained
 
     model = load_trained()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y, _, _ = digits_data()
     start = dtem.DtemHeads.for_model(model)
-    heads = dtem.train_heads(model, (x[:64], y[:64]), r=40, steps=2, lr=1e-2, batch_size=16, progress=False)
+    heads = dtem.train_heads(model, (x[:64], y[:64]), steps=2, lr=1e-2, batch_size=16, progress=False,
+                             **how)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters()) and not model.training
     assert not hasattr(model, "_tomec_state")  # the training patch is undone
@@ -188,19 +190,38 @@ def test_train_heads_trains_only_the_heads():
     assert len(heads) == 6 and heads[0].weight.shape == (16, 64)
 
 
+def test_train_heads_needs_r_or_a_schedule():
+    from tomec.bench.digits import load_trained
+
+    with pytest.raises(ConfigError, match="r= .* or schedule="):
+        dtem.train_heads(load_trained(), (torch.zeros(2, 1, 16, 16), torch.zeros(2).long()), steps=1)
+
+
+def test_task_loss_is_cross_entropy_or_kl_to_the_teacher():
+    from tomec.finetune import task_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits, teacher = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
+    labels = torch.tensor([1, 2, 3, 4])
+    torch.testing.assert_close(task_loss(logits, labels), torch.nn.functional.cross_entropy(logits, labels))
+    p, log_q = teacher.softmax(-1), logits.log_softmax(-1)
+    kl = (p * (p.log() - log_q)).sum(-1).mean()
+    torch.testing.assert_close(task_loss(logits, labels, teacher), kl)
+    assert task_loss(teacher, labels, teacher).abs().item() < 1e-6
+
+
 def test_recorded_finetune_accuracy():
-    """The shipped trained heads give the accuracy recorded by bench/finetune_dtem.py (eval only)."""
+    """The shipped trained heads (seed 0) give the accuracy and NLL recorded by
+    bench/finetune_dtem.py at the recorded schedule (eval only)."""
     from tomec.bench import finetune_dtem
     from tomec.bench.digits import digits_data, load_trained
 
-    if not finetune_dtem.RESULT_FILE.exists():
-        pytest.skip("bench/results/finetune-dtem.json not generated yet")
-    rows = json.loads(finetune_dtem.RESULT_FILE.read_text())["rows"]
+    recorded = json.loads(finetune_dtem.RESULT_FILE.read_text())
     model = load_trained()
     _, _, x_test, y_test = digits_data()
-    row = rows[0]
-    accuracy, schedule = finetune_dtem.evaluate(
-        model, x_test, y_test, "dtem", row["r"], heads=finetune_dtem.heads_path(row["r"])
-    )
-    assert schedule == row["schedule"]
-    assert accuracy == pytest.approx(row["dtem_trained_heads"], abs=1e-9)
+    row = recorded["rows"][0]
+    assert row["seed"] == 0
+    scores = finetune_dtem.evaluate(model, x_test, y_test, "dtem", recorded["meta"]["schedule"],
+                                    heads=finetune_dtem.HEADS)
+    assert scores["accuracy"] == pytest.approx(row["trained_heads"]["accuracy"], abs=1e-9)
+    assert scores["nll"] == pytest.approx(row["trained_heads"]["nll"], rel=1e-5)

@@ -15,6 +15,7 @@ way :mod:`tomec.reference` does (its class swapping), with a forward that merges
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import logging
@@ -26,11 +27,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import schedule as schedules
 from .errors import ConfigError, UnsupportedModelError
+from .finetune import task_loss
 from .ops.dtem import soft_merge
 
 __all__ = [
@@ -339,10 +340,11 @@ def _batches(data: Any, batch_size: int, generator: torch.Generator) -> Iterator
 def train_heads(
     model: nn.Module,
     data: Union[tuple[Tensor, Tensor], Iterable[tuple[Tensor, Tensor]]],
-    r: int,
+    r: Optional[int] = None,
     steps: int = 200,
     lr: float = 1e-3,
     *,
+    schedule: Any = None,
     heads: Optional[HeadsLike] = None,
     batch_size: int = 64,
     inflect: float = -0.5,
@@ -351,6 +353,7 @@ def train_heads(
     tau2: float = 0.1,
     weight_decay: float = 1e-4,
     clip_grad: Optional[float] = 5.0,
+    distill: bool = False,
     seed: int = 0,
     progress: bool = True,
 ) -> DtemHeads:
@@ -362,10 +365,14 @@ def train_heads(
         data: ``(images, labels)`` tensors (random batches of ``batch_size``, seeded), or an iterable
             of ``(images, labels)`` batches (cycled).
         r: total tokens removed, spread as ``tomec.backend(r=r, inflect=inflect)`` spreads it.
+        schedule: instead of ``r``, the per-block counts, as ``tomec.backend(schedule=...)`` takes
+            them (train with the schedule the heads will run at).
         steps, lr, weight_decay, clip_grad: AdamW steps (the official defaults: lr 1e-4 over 30
             ImageNet epochs; a small data set needs a larger lr).
         heads: the starting heads (default: the untrained method's seeded random heads).
         k2, tau1, tau2: candidates per A token and the two temperatures (official: 3, 0.1, 0.1).
+        distill: train towards the unmerged model's predictions (KL to its logits, a frozen copy)
+            instead of the labels (:func:`tomec.finetune.task_loss`).
 
     Returns:
         The trained :class:`DtemHeads` (on CPU, fp32).
@@ -375,6 +382,8 @@ def train_heads(
     for name, value in (("steps", steps), ("batch_size", batch_size), ("k2", k2)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ConfigError(f"train_heads: {name} must be a positive int, got {value!r}")
+    if r is None and schedule is None:
+        raise ConfigError("train_heads: give r= (tokens to remove in total) or schedule=")
     torch.manual_seed(seed)
     trained = DtemHeads.for_model(model, seed=seed) if heads is None else DtemHeads.from_weights(heads)
     device = next(model.parameters()).device
@@ -383,15 +392,21 @@ def train_heads(
     was_training = model.training
     opt = torch.optim.AdamW(trained.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
+    # a copy, since soft merging patches the model's blocks in place
+    teacher = copy.deepcopy(model).eval() if distill else None
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
         trained.train()
-        with soft_merging(model, trained, r=r, inflect=inflect, k2=k2, tau1=tau1, tau2=tau2):
+        with soft_merging(model, trained, r=r, inflect=inflect, schedule=schedule, k2=k2, tau1=tau1,
+                          tau2=tau2):
             bar = tqdm(range(steps), desc="dtem heads", disable=not progress)
             for _, (x, y) in zip(bar, _batches(data, batch_size, g)):
-                loss = F.cross_entropy(model(x.to(device)), y.to(device))
+                x, y = x.to(device), y.to(device)
+                with torch.no_grad():
+                    target = teacher(x) if teacher is not None else None
+                loss = task_loss(model(x), y, target)
                 opt.zero_grad()
                 loss.backward()
                 if clip_grad is not None:
