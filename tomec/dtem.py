@@ -238,6 +238,7 @@ class _SoftState:
     k2: int
     tau1: float
     tau2: float
+    generator: Optional[torch.Generator] = None  # draws the random A/B splits; None: parity
     schedule: Optional[list[int]] = None
     num_tokens: Optional[int] = None
     size: Optional[Tensor] = None
@@ -285,8 +286,13 @@ def _soft_block_forward(self: nn.Module, x: Tensor, attn_mask: Optional[Tensor] 
     r = st.schedule[layer]
     if r > 0:
         metric = st.heads[layer](h.detach())  # the head learns; the backbone's tokens do not
+        order = None
+        if st.generator is not None:  # a new split per image and block, drawn on the CPU (seeded)
+            order = torch.rand(x.shape[0], st.n - st.protected, generator=st.generator).argsort(-1)
+            order = order.to(x.device)
         x, st.size, st.n = soft_merge(
-            x, st.size, metric, r, st.n, st.protected, k2=st.k2, tau1=st.tau1, tau2=st.tau2
+            x, st.size, metric, r, st.n, st.protected, k2=st.k2, tau1=st.tau1, tau2=st.tau2,
+            order=order,
         )
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
@@ -295,24 +301,29 @@ def _soft_block_forward(self: nn.Module, x: Tensor, attn_mask: Optional[Tensor] 
 def soft_merging(
     model: nn.Module, heads: nn.ModuleList, *, r: Optional[int] = None, inflect: float = -0.5,
     schedule: Any = None, protect: Union[str, int] = "auto", k2: int = 3, tau1: float = 0.1,
-    tau2: float = 0.1,
+    tau2: float = 0.1, split: str = "random", seed: int = 0,
 ) -> Iterator[nn.Module]:
     """Within the block, ``model`` (a timm ViT) runs DTEM's soft merging with ``heads``: the same
     schedule as ``tomec.backend(method="dtem", r=..., inflect=...)``, sequence lengths unchanged.
-    The reference's class swapping and size-weighted pooling are reused; undone on exit."""
+    ``split="random"`` draws each block's A/B split at random (seeded), as DTEM trains; ``"parity"``
+    uses ToMe's alternation, as inference does. The reference's class swapping and size-weighted
+    pooling are reused; undone on exit."""
     from timm.models.vision_transformer import VisionTransformer
 
     from .reference import _pool, _swap_class, unpatch
 
     if r is None and schedule is None:
         raise ConfigError("give r= (tokens to remove in total) or schedule=")
+    if split not in ("random", "parity"):
+        raise ConfigError(f"dtem: split must be 'random' or 'parity', got {split!r}")
     blocks = _timm_blocks(model)
     if len(heads) != len(blocks):
         raise ConfigError(f"dtem: {len(heads)} heads for {len(blocks)} attention blocks")
     if hasattr(model, "_tomec_state"):
         unpatch(model)
     protected = int(getattr(model, "num_prefix_tokens", 0)) if protect == "auto" else int(protect)
-    st = _SoftState(heads, len(blocks), protected, r, inflect, schedule, k2, tau1, tau2)
+    generator = torch.Generator().manual_seed(seed) if split == "random" else None
+    st = _SoftState(heads, len(blocks), protected, r, inflect, schedule, k2, tau1, tau2, generator)
     model._tomec_state = st
     try:
         for layer, b in enumerate(blocks):
@@ -353,6 +364,7 @@ def train_heads(
     tau2: float = 0.1,
     weight_decay: float = 1e-4,
     clip_grad: Optional[float] = 5.0,
+    split: str = "random",
     distill: bool = False,
     seed: int = 0,
     progress: bool = True,
@@ -371,6 +383,8 @@ def train_heads(
             ImageNet epochs; a small data set needs a larger lr).
         heads: the starting heads (default: the untrained method's seeded random heads).
         k2, tau1, tau2: candidates per A token and the two temperatures (official: 3, 0.1, 0.1).
+        split: the A/B split while training: ``"random"`` per block and image (DTEM's), or
+            ``"parity"`` (ToMe's alternation, the one inference uses).
         distill: train towards the unmerged model's predictions (KL to its logits, a frozen copy)
             instead of the labels (:func:`tomec.finetune.task_loss`).
 
@@ -392,6 +406,10 @@ def train_heads(
     was_training = model.training
     opt = torch.optim.AdamW(trained.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
+    if hasattr(model, "_tomec_state"):
+        from .reference import unpatch
+
+        unpatch(model)  # as soft_merging would; the teacher must be the unmerged model
     # a copy, since soft merging patches the model's blocks in place
     teacher = copy.deepcopy(model).eval() if distill else None
     try:
@@ -400,7 +418,7 @@ def train_heads(
         model.eval()
         trained.train()
         with soft_merging(model, trained, r=r, inflect=inflect, schedule=schedule, k2=k2, tau1=tau1,
-                          tau2=tau2):
+                          tau2=tau2, split=split, seed=seed + 1):  # not the batches' stream
             bar = tqdm(range(steps), desc="dtem heads", disable=not progress)
             for _, (x, y) in zip(bar, _batches(data, batch_size, g)):
                 x, y = x.to(device), y.to(device)

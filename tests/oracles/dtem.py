@@ -38,15 +38,18 @@ def relaxed_topk(scores, r, k2, tau1, tau2):
     return out
 
 
-def soft_merge(x, size, metric, r, n, protected, k2, tau1, tau2):
-    """x [B, N, C], size [B, N, 1], metric [B, N, d] (fp64 tensors) -> (x, size, n - r), by loops."""
+def soft_merge(x, size, metric, r, n, protected, k2, tau1, tau2, split=None):
+    """x [B, N, C], size [B, N, 1], metric [B, N, d] (fp64 tensors) -> (x, size, n - r), by loops;
+    ``split[b]`` lists the taking-part tokens (0 = the first after the protected ones) whose even
+    positions form A and odd positions B (default: in sequence order)."""
     r = min(r, max(n - protected, 0) // 2)
     if r <= 0:
         return x.clone(), size.clone(), n
     xs, ss = [], []
     for b in range(x.shape[0]):
-        a_idx = list(range(protected, n, 2))
-        b_idx = list(range(protected + 1, n, 2))
+        seq = list(range(n - protected)) if split is None else [int(v) for v in split[b]]
+        a_idx = [protected + seq[k] for k in range(0, len(seq), 2)]
+        b_idx = [protected + seq[k] for k in range(1, len(seq), 2)]
         unit = [metric[b, i] / metric[b, i].norm() for i in range(x.shape[1])]
         scores = [[float(unit[i] @ unit[j]) for j in b_idx] for i in a_idx]
         assign = relaxed_topk(scores, r, k2, tau1, tau2)

@@ -87,7 +87,7 @@ def relaxed_topk(scores: Tensor, r: int, *, k2: int = 3, tau1: float = 0.1, tau2
 
 def soft_merge(
     x: Tensor, size: Tensor, metric: Tensor, r: int, n: int, protected: int = 0, *,
-    k2: int = 3, tau1: float = 0.1, tau2: float = 0.1,
+    k2: int = 3, tau1: float = 0.1, tau2: float = 0.1, order: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, int]:
     """One block's soft merge for training; the sequence length is unchanged.
 
@@ -96,6 +96,8 @@ def soft_merge(
         metric: ``[B, N, d_m]`` the head's embedding (cosine scores: its norm does not matter).
         r: merges this block (clamped to ``(n - protected) // 2``).
         n: tokens taking part (the first ``n``; the rest are leftovers of earlier merges).
+        order: ``[B, n - protected]`` int64, a permutation of the taking-part tokens that decides the
+            A/B split (A = its even positions, B = its odd ones); default: ToMe's alternation.
 
     Returns:
         ``x [B, N, C]``, ``size [B, N, 1]``, and the tokens taking part in the next block ``n - r``.
@@ -104,10 +106,20 @@ def soft_merge(
     if r <= 0:
         return x, size, n
     w = size[..., 0]
-    xa, xb = x[:, protected:n:2], x[:, protected + 1 : n : 2]
-    wa, wb = w[:, protected:n:2], w[:, protected + 1 : n : 2]
     m = torch.nn.functional.normalize(metric, dim=-1)  # a zero embedding stays finite
-    scores = m[:, protected:n:2] @ m[:, protected + 1 : n : 2].transpose(-1, -2)
+    xs, ws, ms = x[:, protected:n], w[:, protected:n], m[:, protected:n]
+    if order is not None:
+        if order.shape != (x.shape[0], n - protected) or not torch.equal(
+            order.sort(-1).values, torch.arange(n - protected, device=order.device).expand_as(order)
+        ):
+            raise ValueError(
+                f"order must hold a permutation of 0..{n - protected - 1} per image "
+                f"([{x.shape[0]}, {n - protected}]), got shape {list(order.shape)}"
+            )
+        xs, ms = (t.gather(1, order.unsqueeze(-1).expand(-1, -1, t.shape[-1])) for t in (xs, ms))
+        ws = ws.gather(1, order)
+    xa, xb, wa, wb = xs[:, 0::2], xs[:, 1::2], ws[:, 0::2], ws[:, 1::2]
+    scores = ms[:, 0::2] @ ms[:, 1::2].transpose(-1, -2)
     assign = relaxed_topk(scores, r, k2=k2, tau1=tau1, tau2=tau2)  # [B, n_a, n_b]
     moved = assign.transpose(-1, -2) @ wa.unsqueeze(-1)  # [B, n_b, 1]: size B receives
     wb_new = wb + moved[..., 0]
@@ -117,9 +129,9 @@ def soft_merge(
     wa = wa * (kept + (kept.clamp(0.0, 1.0) - kept).detach())
     w_mid = torch.cat([wa, wb_new], dim=1)
     x_mid = torch.cat([xa, xb], dim=1)
-    order = w_mid.sort(dim=-1, descending=True, stable=True).indices
-    w_mid = w_mid.gather(1, order)
-    x_mid = x_mid.gather(1, order.unsqueeze(-1).expand_as(x_mid))
+    by_size = w_mid.sort(dim=-1, descending=True, stable=True).indices
+    w_mid = w_mid.gather(1, by_size)
+    x_mid = x_mid.gather(1, by_size.unsqueeze(-1).expand_as(x_mid))
     x = torch.cat([x[:, :protected], x_mid, x[:, n:]], dim=1)
     size = torch.cat([size[:, :protected], w_mid.unsqueeze(-1), size[:, n:]], dim=1)
     return x, size, n - r
