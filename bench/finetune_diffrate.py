@@ -2,7 +2,7 @@
 DiffRate schedules at equal (or lower) MACs.
 
 The untrained baseline at each budget is DiffRate merging only, every block keeping the same
-fraction ``rho`` of the patch tokens it receives (``rho = 0.5`` is ToMe's bipartite limit,
+fraction ``rho`` of the patch tokens it receives (at least one) (``rho = 0.5`` is ToMe's bipartite limit,
 ``[32, 16, 8, 4, 2, 1]``; smaller ``rho`` go past it, which DiffRate's merge allows). The search
 targets the baseline's MACs (backbone frozen, training split, block 0 compressed too) once per seed;
 every schedule runs on the test split through the compiled backend. 360 test images move accuracy in
@@ -79,7 +79,8 @@ def run(rhos: Sequence[float] = RHOS, seeds: int = SEEDS, steps: int = STEPS, di
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({
-            "machine": platform.machine(), "torch": torch.__version__, "threads": 1, "steps": steps,
+            "machine": platform.node(), "torch": torch.__version__, "device": "cpu",
+            "threads": torch.get_num_threads(), "steps": steps,
             "loss": "KL to the unmerged logits" if distill else "cross-entropy, labels",
             "unmerged": digits.scores_of(model, x_test, y_test), "test_images": len(y_test),
             "rows": rows,

@@ -114,8 +114,8 @@ def test_search_moves_the_schedule_toward_the_target(digits_setup):
 
 
 def test_scale_spends_the_budget_as_learned(digits_setup):
-    """The returned schedule is the learned one times one factor: within the budget and filling it
-    (one more step of the factor would exceed it), whether the learned one was above or below."""
+    """The returned schedule is the learned one times one factor: within the budget and within 10%
+    of it, whether the learned one was above or below."""
     model, (x_train, y_train, *_) = digits_setup
     full = ds.schedule_macs(model, {"prune_kept": [65] * 6, "merge_kept": [65] * 6})
     for target in (0.2, 0.7):  # the untrained counts (about 55%) are above one and below the other
@@ -142,29 +142,40 @@ def test_geometric_baseline_at_one_half_is_the_halving_schedule(digits_setup):
 def test_ste_min_sends_the_gradient_to_both_counts():
     """DiffRate's straight-through min: the value is the smallest, the gradient reaches the block's
     prune and merge counts both, and not the tokens coming in."""
-    n_in = torch.tensor(20.0, requires_grad=True)
-    prune, merge = torch.tensor(30.0, requires_grad=True), torch.tensor(12.0, requires_grad=True)
-    out = ds._ste_min(n_in, prune, merge)
-    assert out.item() == 12.0
-    out.backward()
-    assert prune.grad.item() == 1.0 and merge.grad.item() == 1.0 and n_in.grad is None
+    for n_in_value, smallest in ((20.0, 12.0), (8.0, 8.0)):  # a count is smallest / the input is
+        n_in = torch.tensor(n_in_value, requires_grad=True)
+        prune, merge = torch.tensor(30.0, requires_grad=True), torch.tensor(12.0, requires_grad=True)
+        out = ds._ste_min(n_in, prune, merge)
+        assert out.item() == smallest
+        out.backward()
+        assert prune.grad.item() == 1.0 and merge.grad.item() == 1.0 and n_in.grad is None
 
 
 def test_search_rejects_an_impossible_target(digits_setup):
+    """Before any step: a target outside (0, full], or below one patch token per block (12.4% of the
+    MACs with block 0 compressed, 28.6% without)."""
     model, (x_train, y_train, *_) = digits_setup
+    full = ds.schedule_macs(model, {"prune_kept": [65] * 6, "merge_kept": [65] * 6})
+    slow = dict(steps=10**6, progress=False)  # would take hours if the check came after the search
     with pytest.raises(ConfigError, match="target_macs"):
-        ds.search_diffrate(model, x_train, y_train, target_macs=-1.0, steps=1, progress=False)
+        ds.search_diffrate(model, x_train, y_train, target_macs=-1.0, **slow)
+    with pytest.raises(ConfigError, match="one patch token per block"):
+        ds.search_diffrate(model, x_train, y_train, target_macs=0.1 * full, compress_first=True, **slow)
+    with pytest.raises(ConfigError, match="compress_first=True lowers it"):
+        ds.search_diffrate(model, x_train, y_train, target_macs=0.2 * full, **slow)
+    ds.search_diffrate(model, x_train, y_train, target_macs=0.2 * full, compress_first=True,
+                       steps=0, progress=False)  # reachable with block 0 compressed
 
 
 def test_recorded_result_reproduces(digits_setup):
-    """The recorded searched schedules and baselines give the recorded test accuracy and NLL."""
+    """Every budget's recorded baseline and first searched schedule give the recorded test accuracy
+    and NLL."""
     model, (_, _, x_test, y_test) = digits_setup
-    row = json.loads(RESULTS.read_text())["rows"][0]
-    for kept, scores in [(row["baseline_kept"], row["baseline"])] + [
-        (s["kept"], s) for s in row["searched"][:1]
-    ]:
-        ref = reference.patch(copy.deepcopy(model), method="diffrate", kept=kept)
-        got = digits.scores_of(ref, x_test, y_test)
-        assert got["accuracy"] == pytest.approx(scores["accuracy"])
-        assert got["nll"] == pytest.approx(scores["nll"], rel=1e-4)
-    assert all(s["macs_ratio"] <= row["baseline_macs_ratio"] for s in row["searched"])
+    for row in json.loads(RESULTS.read_text())["rows"]:
+        for kept, scores in ((row["baseline_kept"], row["baseline"]), (row["searched"][0]["kept"],
+                                                                       row["searched"][0])):
+            ref = reference.patch(copy.deepcopy(model), method="diffrate", kept=kept)
+            got = digits.scores_of(ref, x_test, y_test)
+            assert got["accuracy"] == pytest.approx(scores["accuracy"])
+            assert got["nll"] == pytest.approx(scores["nll"], rel=1e-4)
+        assert all(s["macs_ratio"] <= row["baseline_macs_ratio"] for s in row["searched"])
