@@ -11,7 +11,7 @@ seeds and reports mean, spread and the per-seed paired difference, with the test
 accuracy. Seed 0's heads go to ``bench/digits/dtem_heads.pt``, the numbers to
 ``bench/results/finetune-dtem.json``, whatever they are.
 
-    .venv/bin/python -m bench.finetune_dtem [--seeds 5] [--steps 150] [--distill]
+    .venv/bin/python -m bench.finetune_dtem [--seeds 10] [--steps 150] [--distill]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tomec.dtem import train_heads
 HEADS = CHECKPOINT.parent / "dtem_heads.pt"
 RESULT_FILE = RESULTS / "finetune-dtem.json"
 SCHEDULE = (32, 16, 8, 4, 2, 1)
-SEEDS = 5
+SEEDS = 10
 STEPS = 150
 LR = 3e-3
 BATCH = 64
