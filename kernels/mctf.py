@@ -112,7 +112,7 @@ def attention_received(
     q: torch.Tensor, k: torch.Tensor, size: Optional[torch.Tensor], scale: float
 ) -> torch.Tensor:
     """``q, k [B, H, N, d]``, ``size [B, N, 1]`` or None ``-> [B, N]`` fp32: the attention each token
-    receives, averaged over heads and queries (see :func:`tomec.ops.mctf.attention_received`)."""
+    receives, averaged over heads and queries (see :func:`tomec.ops.attention.attention_received`)."""
     out = torch.empty(q.shape[0], q.shape[2], device=q.device, dtype=torch.float32)
     launch_attention_received(q, k, size, scale, out)
     return out

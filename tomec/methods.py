@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import ops
 from .errors import ConfigError, ScheduleError
-from .schedule import CapFn, tome_cap
+from .schedule import CapFn, check_blocks, tome_cap
 
 __all__ = ["Method", "LayerMerge", "register", "get", "available", "merge_step", "MATCH_INPUTS"]
 
@@ -414,19 +414,6 @@ register(
 
 
 
-def mctf_cap(num_tokens: int, num_protected: int) -> int:
-    """MCTF's per-block cap: half of the mergeable tokens, ``(N - P) // 2``, in both modes.
-
-    The official code clamps every block's r to exactly this. It is always possible: one-way, the
-    ``r`` sources fit among the ``⌈N/2⌉ - ⌈P/2⌉`` non-protected A tokens; bidirectional, the
-    ``⌈r/2⌉`` B sources fit among the ``⌊N/2⌋ - ⌊P/2⌋`` non-protected B tokens and at least one
-    non-protected A token is left unmerged to receive them. (Bidirectional matching alone could
-    remove more, up to all but one non-protected token, but neither the official code nor a cap
-    that cannot see the options allows it.)
-    """
-    return max(num_tokens - num_protected, 0) // 2
-
-
 def _mctf_match(keys, r, protected, *, layer, num_layers, x, q, size, scale, prop_attn, impl="torch",
                 tau_sim=1.0, tau_info=20.0, tau_size=40.0, bidirectional=True, one_step_ahead=False):
     return ops.mctf_match(
@@ -468,7 +455,11 @@ register(
         match=_mctf_match,
         inputs=("x", "q", "size", "scale", "prop_attn"),
         returns_weights=True,
-        cap=mctf_cap,
+        # ToMe's cap, (N - P) // 2, which the official code clamps every block's r to. Bidirectional,
+        # the ceil(r/2) B sources still fit among the non-protected B tokens with a non-protected A
+        # token left to receive them; bidirectional matching alone could remove more, but neither
+        # the official code nor a cap that cannot see the options allows it.
+        cap=tome_cap,
         options={"tau_sim": 1.0, "tau_info": 20.0, "tau_size": 40.0, "bidirectional": True,
                  "one_step_ahead": False},
         check=_check_mctf,
@@ -557,7 +548,7 @@ def _ltmp_match(keys, r, protected, *, layer, num_layers, q, size, scale, prop_a
 
 def _check_ltmp(options: dict[str, Any]) -> dict[str, Any]:
     if options["thresholds"] is not None:
-        options["thresholds"] = load_ltmp_thresholds(options["thresholds"])
+        load_ltmp_thresholds(options["thresholds"])  # malformed thresholds get their own error first
         if options["counts"] is None:
             raise ConfigError(
                 "ltmp: thresholds pick a different number of tokens per image, which a compiled "
@@ -618,15 +609,8 @@ def _atc_match(keys, r, protected, *, layer, num_layers, impl="torch", blocks=No
 
 
 def _check_atc(options: dict[str, Any]) -> dict[str, Any]:
-    blocks = options["blocks"]
-    if blocks is not None:
-        if isinstance(blocks, (str, bytes)) or not isinstance(blocks, (list, tuple)) or not blocks or any(
-            isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 0 for b in blocks
-        ):
-            raise ConfigError(f"atc: blocks must be a non-empty list of block indices >= 0, got {blocks!r}")
-        if len(set(blocks)) != len(blocks):
-            raise ConfigError(f"atc: blocks {list(blocks)} name a block twice")
-        options["blocks"] = sorted(int(b) for b in blocks)
+    if options["blocks"] is not None:  # the depth is checked when the schedule is resolved
+        options["blocks"] = check_blocks(options["blocks"], None, "atc: blocks")
     return options
 
 

@@ -182,14 +182,16 @@ def _carry_forward(
     return out
 
 
-def check_blocks(blocks: Sequence[int], num_layers: int, what: str = "reduction blocks") -> list[int]:
-    """Validate reduction block indices against the model's depth: sorted, distinct, in range."""
+def check_blocks(
+    blocks: Sequence[int], num_layers: Optional[int], what: str = "reduction blocks"
+) -> list[int]:
+    """Validate reduction block indices: sorted, distinct, and (given the model's depth) in range."""
     if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence) or not blocks:
         raise ConfigError(f"{what} must be a non-empty list of block indices, got {blocks!r}")
     out = [_as_count(b, f"{what}[{i}]") for i, b in enumerate(blocks)]
     if len(set(out)) != len(out):
         raise ConfigError(f"{what} {out} name a block twice")
-    bad = [b for b in out if b >= num_layers]
+    bad = [] if num_layers is None else [b for b in out if b >= num_layers]
     if bad:
         raise ScheduleError(
             f"{what} {out}: block(s) {bad} do not exist; the model has {num_layers} attention blocks "

@@ -14,6 +14,7 @@ from torch import Tensor
 from tomec.errors import ConfigError
 
 from .common import check_dtype, resolve_impl
+from .matching import _cosine, _scoring_metric, key_metric
 
 __all__ = ["atc_match", "atc_cluster", "atc_default_blocks"]
 
@@ -80,14 +81,6 @@ def _(dist: Tensor, n_merges: int) -> Tensor:
     return dist.new_empty(dist.shape[:2], dtype=torch.int64)
 
 
-def _cosine_distance(metric: Tensor) -> Tensor:
-    """``[B, T, d] -> [B, T, T]``: ``1 - cos`` in fp32 at least (fp64 stays fp64)."""
-    wide = torch.float64 if metric.dtype == torch.float64 else torch.float32
-    m = metric.to(wide)
-    inv = 1.0 / m.norm(dim=-1).clamp_min(torch.finfo(wide).tiny)
-    return 1.0 - (m @ m.transpose(-1, -2)) * inv.unsqueeze(-1) * inv.unsqueeze(-2)
-
-
 def atc_match(metric: Tensor, r: int, protected: int = 0, *, impl: str = "torch") -> Tensor:
     """ATC's clustering of the non-protected tokens into ``T - r`` clusters, as a destination map.
 
@@ -111,7 +104,7 @@ def atc_match(metric: Tensor, r: int, protected: int = 0, *, impl: str = "torch"
         raise ConfigError(f"metric must be [B, N, d] or keys [B, H, N, d], got {list(metric.shape)}")
     use_triton = resolve_impl(impl, metric.device) == "triton"
     if metric.dim() == 4:
-        metric = metric.mean(1)
+        metric = key_metric(metric)
     batch, n, _ = metric.shape
     if not 0 <= protected <= n:
         raise ConfigError(f"protected={protected} is outside [0, {n}] for {n} tokens")
@@ -126,7 +119,8 @@ def atc_match(metric: Tensor, r: int, protected: int = 0, *, impl: str = "torch"
     if r == 0:
         return torch.arange(n, device=device).expand(batch, n)
     # The clustering is discrete: no gradient flows through it (the merge itself stays differentiable).
-    dist = _cosine_distance(metric[:, protected:].detach())
+    unit = _scoring_metric(metric[:, protected:].detach())  # fp32 at least: `1 - cos` decides merges
+    dist = 1.0 - _cosine(unit, unit)
     if use_triton:  # the same labels, bit for bit, from one launch (kernels/atc.py)
         labels = torch.ops.tomec.atc_cluster_triton(dist, r)
     else:

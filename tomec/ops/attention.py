@@ -118,6 +118,6 @@ def _attention_received(q: Tensor, k: Tensor, size: Optional[Tensor], scale: flo
     wide = torch.float64 if q.dtype == torch.float64 else torch.float32
     logits = (q.to(wide) * scale) @ k.to(wide).transpose(-1, -2)  # [B, H, N, N]
     if size is not None:
-        logits = logits + size.to(wide).log().squeeze(-1)[:, None, None, :]
+        logits = logits + log_size_bias(size.to(wide), wide)
     lse = logits.logsumexp(dim=-1, keepdim=True)
     return (logits - lse).exp().mean(dim=(1, 2))

@@ -50,10 +50,14 @@ def crossget_importance(metric: Tensor, query: Tensor, protected: int, guided: b
         ``[B, N]`` in fp32 (fp64 for fp64 inputs); zeros when ``protected == 0`` (no guide) or
         ``guided=False`` (the unguided ablation).
     """
-    m = _scoring_metric(metric)
+    return _importance(_scoring_metric(metric), query, protected, guided)
+
+
+def _importance(m: Tensor, query: Tensor, protected: int, guided: bool) -> Tensor:
+    """:func:`crossget_importance` on the scoring metric ``m [B, N, d]`` (already widened)."""
     if protected == 0 or not guided:
         return m.new_zeros(m.shape[:2])
-    guide = _scoring_metric(query)[:, :1]  # [B, 1, d]
+    guide = _scoring_metric(query[..., :1, :])  # [B, 1, d]: only the guide token's row
     return _cosine(m, guide).squeeze(-1)
 
 
@@ -98,9 +102,8 @@ def crossget_match(
     sizes = torch.ones(batch, n, 1, device=device, dtype=dtype) if size is None else size
     if r == 0:  # every group a single token: the weights cancel
         return torch.arange(n, device=device).expand(batch, n), sizes, sizes
-    importance = crossget_importance(metric, query, protected, guided)  # [B, N]
-
     m = _scoring_metric(metric)
+    importance = _importance(m, query, protected, guided)  # [B, N]
     if use_triton and m.dtype == torch.float32:  # fp64 stays PyTorch
         is_src, partner = _select_triton(m, importance, r, protected)
     else:

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from tomec.errors import ConfigError
 
-from .common import check_dtype, descending_rank, inv_norm, resolve_impl
+from .common import check_dtype, descending_rank, resolve_impl
+from .matching import _cosine, _scoring_metric, key_metric
 
 __all__ = ["fpet_match", "fpet_grid", "fpet_sides", "fpet_cap"]
 
@@ -94,7 +95,7 @@ def fpet_match(
         raise ConfigError(f"metric must be [B, N, d] or keys [B, H, N, d], got {list(metric.shape)}")
     resolve_impl(impl, metric.device)  # validates; plain PyTorch on every device
     if metric.dim() == 4:
-        metric = metric.mean(1)
+        metric = key_metric(metric)
     batch, n, _ = metric.shape
     if not 0 <= protected <= n:
         raise ConfigError(f"protected={protected} is outside [0, {n}] for {n} tokens")
@@ -110,10 +111,9 @@ def fpet_match(
     pos_a = torch.tensor(side_a, device=device)
     pos_b = torch.tensor(side_b, device=device)
 
-    wide = torch.float64 if metric.dtype == torch.float64 else torch.float32
-    m = metric[:, protected:].to(wide)
-    a, b = m[:, pos_a], m[:, pos_b]
-    scores = (a @ b.transpose(-1, -2)) * inv_norm(a).unsqueeze(-1) * inv_norm(b).unsqueeze(-2)
+    m = _scoring_metric(metric[:, protected:])
+    wide = m.dtype
+    scores = _cosine(m[:, pos_a], m[:, pos_b])
     best, partner = scores.detach().max(dim=-1)  # [B, n_a]; the first maximal index
     is_src = descending_rank(best) < r
 

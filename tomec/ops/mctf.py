@@ -18,13 +18,9 @@ from tomec.errors import ConfigError
 
 from .attention import attention_received
 from .common import check_dtype, descending_rank
-from .matching import _cosine, _interleave
+from .matching import _cosine, _interleave, _scoring_metric
 
 __all__ = ["mctf_match"]
-
-
-def _wide(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_taus(tau_sim: float, tau_info: float, tau_size: float) -> None:
@@ -91,7 +87,7 @@ def mctf_match(
     cap = (n - protected) // 2
     if not 0 <= r <= cap:
         raise ConfigError(f"MCTF: r={r} is outside [0, {cap}] for {n} tokens with {protected} protected")
-    device, wide = x.device, _wide(x.dtype)
+    device = x.device
     sizes = x.new_ones(batch, n, 1) if size is None else size
     recv = attention_received(q, k, size, scale, prop_attn, impl=impl)  # [B, N]
     # scaled by each image's largest attention (the weighted mean does not change): a token that
@@ -103,7 +99,8 @@ def mctf_match(
         return torch.arange(n, device=device).expand(batch, n), w, sizes
 
     r1, r2 = (r // 2, r - r // 2) if bidirectional else (r, 0)
-    m = x.to(wide)
+    m = _scoring_metric(x)
+    wide = m.dtype
     a, b = m[:, ::2], m[:, 1::2]
     n_a, n_b = a.shape[1], b.shape[1]
     prot_a, prot_b = (protected + 1) // 2, protected // 2
