@@ -20,20 +20,13 @@ import torch
 import tomec
 from .digits import CHECKPOINT, RESULTS, accuracy_of, digits_data, load_trained
 from tomec.calibrate import calibrate, threshold_forward, train_thresholds
+from tomec.flops import vit_dims, vit_macs
+from tomec.schedule import tome_cap
 
 THRESHOLDS = CHECKPOINT.parent / "ltmp_thresholds.json"
 
 
-def block_macs(tokens: int, schedule: list[int], dim: int, mlp_ratio: float) -> float:
-    """Blocks' MACs per image (METHODS.md's FLOP model, MLP ratio as the model's)."""
-    total, n = 0.0, tokens
-    for r in schedule:
-        total += 4 * n * dim**2 + 2 * n * n * dim + 2 * mlp_ratio * (n - r) * dim**2
-        n -= r
-    return total
-
-
-def tome_equal_flops(r, tokens, layers, protected, macs, dim, mlp_ratio) -> list[int]:
+def tome_equal_flops(r, tokens, layers, protected, macs, blocks_macs) -> list[int]:
     """Among ToMe schedules removing ``r`` in total (tomec's rule for every inflect in -1..1, and the
     front-loaded one: each block up to ToMe's cap in order), the one whose MACs are closest."""
     candidates = []
@@ -45,14 +38,14 @@ def tome_equal_flops(r, tokens, layers, protected, macs, dim, mlp_ratio) -> list
             pass
     front, n, left = [], tokens, r
     for _ in range(layers):
-        take = min(left, (n - protected) // 2)
+        take = min(left, tome_cap(n, protected))
         front.append(take)
         n, left = n - take, left - take
     if left == 0:
         candidates.append(front)
     if not candidates:
         raise tomec.errors.ScheduleError(f"ToMe cannot remove r={r} of {tokens} tokens in {layers} blocks")
-    return min(candidates, key=lambda s: abs(block_macs(tokens, s, dim, mlp_ratio) - macs))
+    return min(candidates, key=lambda s: abs(blocks_macs(s) - macs))
 
 
 def compiled_accuracy(model, x, y, **kwargs) -> float:
@@ -75,9 +68,11 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     model = load_trained()
     x, y, x_test, y_test = digits_data()
-    dim, layers = model.embed_dim, len(model.blocks)
-    mlp_ratio = model.blocks[0].mlp.fc1.out_features / dim
-    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    dims = vit_dims(model)
+    layers, tokens = dims.num_blocks, dims.num_tokens
+
+    def block_macs(schedule: list[int]) -> int:  # the blocks only: the ratios leave out the patch embedding
+        return vit_macs(tokens, schedule, dims.dim, mlp_ratio=dims.mlp_ratio)
 
     start = time.perf_counter()
     learned = train_thresholds(model, x, y, target=args.target, epochs=args.epochs,
@@ -98,10 +93,10 @@ def main(argv=None) -> dict:
     schedule = [m + p for m, p in zip(static["merge"], static["prune"])]
     r = sum(schedule)
 
-    full = block_macs(tokens, [0] * layers, dim, mlp_ratio)
+    full = block_macs([0] * layers)
     with torch.no_grad():
         dyn_logits, dyn_counts = threshold_forward(model, x_test, thresholds)
-    dyn_macs = [block_macs(tokens, c.sum(-1).tolist(), dim, mlp_ratio) for c in dyn_counts]
+    dyn_macs = [block_macs(c.sum(-1).tolist()) for c in dyn_counts]
     rows = [
         {"variant": "unmerged", "accuracy": accuracy_of(model, x_test, y_test), "flops_ratio": 1.0},
         {"variant": "ltmp thresholds (dynamic, per image)",
@@ -109,22 +104,21 @@ def main(argv=None) -> dict:
          "flops_ratio": sum(dyn_macs) / len(dyn_macs) / full},
         {"variant": "ltmp calibrated static counts", "schedule": schedule, **static,
          "accuracy": compiled_accuracy(model, x_test, y_test, method="ltmp", counts=static),
-         "flops_ratio": block_macs(tokens, schedule, dim, mlp_ratio) / full},
+         "flops_ratio": block_macs(schedule) / full},
     ]
     try:  # ToMe cannot remove more than half of a block's tokens; LTMP's pruning can
         same = compiled_accuracy(model, x_test, y_test, method="tome", schedule=schedule)
         rows.append({"variant": "tome, same per-block schedule", "schedule": schedule, "accuracy": same,
-                     "flops_ratio": block_macs(tokens, schedule, dim, mlp_ratio) / full})
+                     "flops_ratio": block_macs(schedule) / full})
     except Exception as e:  # noqa: BLE001 -- recorded in the results, not hidden
         rows.append({"variant": "tome, same per-block schedule", "schedule": schedule,
                      "infeasible": next((line for line in str(e).splitlines() if "Error:" in line),
                                         str(e).strip().splitlines()[0])})
-    tome_schedule = tome_equal_flops(r, tokens, layers, model.num_prefix_tokens,
-                                     block_macs(tokens, schedule, dim, mlp_ratio), dim, mlp_ratio)
+    tome_schedule = tome_equal_flops(r, tokens, layers, dims.protected, block_macs(schedule), block_macs)
     rows.append({"variant": f"tome, r={r}, the feasible schedule with the closest FLOPs",
                  "schedule": tome_schedule,
                  "accuracy": compiled_accuracy(model, x_test, y_test, method="tome", schedule=tome_schedule),
-                 "flops_ratio": block_macs(tokens, tome_schedule, dim, mlp_ratio) / full})
+                 "flops_ratio": block_macs(tome_schedule) / full})
     result = {
         "meta": {"model": "bench/digits/vit_digits.pt", "train_images": len(y), "test_images": len(y_test),
                  "tokens": tokens, "target_flops_ratio": args.target, "epochs": args.epochs,

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from . import ops
 from .errors import ConfigError, UnsupportedModelError
-from .flops import block_macs
+from .finetune import frozen
+from .flops import block_macs, vit_dims
 from .methods import load_ltmp_thresholds
 from .ops.ltmp import ltmp_match, ltmp_prune_cap, ltmp_threshold_counts
 
@@ -64,10 +65,10 @@ def _head(model: nn.Module, x: Tensor, weight: Tensor, protected: int) -> Tensor
     """The classifier on ``x [B, N, C]``; average pooling counts each token ``weight [B, N]`` times
     (its size, times its mask in training)."""
     x = model.norm(x)
-    if getattr(model, "global_pool", "token") in ("avg", "avgmax", "avg_max") and model.attn_pool is None:
+    pool_type = getattr(model, "global_pool", "token")
+    if pool_type in ("avg", "avgmax") and model.attn_pool is None:
         start = 0 if getattr(model, "pool_include_prefix", False) else protected
-        w = weight[:, start:, None].to(x.dtype)
-        pooled = (x[:, start:] * w).sum(1) / w.sum(1)
+        pooled = ops.size_weighted_pool(x[:, start:], weight[:, start:, None], pool_type)
         return model.head(model.head_drop(model.fc_norm(pooled)))
     return model.forward_head(x)
 
@@ -163,14 +164,12 @@ def calibrate(
     protected = _check_vit(model)
     if len(images) == 0:
         raise ConfigError("calibrate needs at least one image")
-    was_training = model.training
-    model.eval()
     chunks = list(torch.split(images, batch_size))
-    found = [threshold_forward(model, c, thresholds, prop_attn=prop_attn)[1]
-             for c in tqdm(chunks, desc="calibrate", disable=not progress)]
-    model.train(was_training)
+    with frozen(model):
+        found = [threshold_forward(model, c, thresholds, prop_attn=prop_attn)[1]
+                 for c in tqdm(chunks, desc="calibrate", disable=not progress)]
     counts = torch.cat(found)
-    num_tokens = _embed(model, images[:1]).shape[1]
+    num_tokens = vit_dims(model).num_tokens
     result = static_counts(counts, num_tokens, protected)
     mean = counts.double().mean(0)
     result.update({
@@ -278,17 +277,9 @@ def train_thresholds(
     ``{"merge": [...], "prune": [...], "history": [...]}``.
     """
     protected = _check_vit(model)
-    was_training, frozen = model.training, [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()  # frozen backbone: no dropout
-    try:
+    with frozen(model):
         return _train_thresholds(model, images, labels, protected, init, epochs, batch_size, lr,
                                  tau, reg_scale, target, seed, prop_attn, progress)
-    finally:
-        for p, flag in zip(model.parameters(), frozen):
-            p.requires_grad_(flag)
-        model.train(was_training)
 
 
 def _train_thresholds(model, images, labels, protected, init, epochs, batch_size, lr, tau, reg_scale,

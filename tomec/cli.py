@@ -148,8 +148,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.command == "calibrate":
         _calibrate(args)
     elif args.command == "flops":
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         _flops(args)
     elif args.command == "bench":
         from .bench import throughput

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .finetune import task_loss
+from .finetune import frozen, task_loss
 from .flops import block_macs, vit_dims
 
 __all__ = ["KeptCount", "search_diffrate", "masked_forward"]
@@ -243,17 +243,12 @@ def search_diffrate(
     prune = nn.ModuleList(KeptCount(patches) for _ in range(dims.num_blocks))
     merge = nn.ModuleList(KeptCount(patches) for _ in range(dims.num_blocks))
     proxies = nn.ModuleList([prune, merge]).to(images.device)
-    was_training = model.training
-    model.eval()
-    frozen = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     opt = torch.optim.Adam(proxies.parameters(), lr=lr)
     # a decaying step lets the counts settle instead of ending wherever the batch noise left them
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
     losses, ratios = [], []
     multiplier = 0.0
-    try:
+    with frozen(model):
         for _ in tqdm(range(steps), desc="diffrate search", disable=not progress):
             pick = torch.randint(0, len(labels), (batch,), generator=g).to(images.device)
             logits, macs = masked_forward(model, images[pick], prune, merge, compress_first)
@@ -273,10 +268,6 @@ def search_diffrate(
             multiplier += 2.0 * penalty * float(gap.detach())
             losses.append(float(task.detach()))
             ratios.append(float(macs.detach()) / full)
-    finally:
-        for p, flag in zip(model.parameters(), frozen):
-            p.requires_grad_(flag)
-        model.train(was_training)
     kept = _kept_schedule(prune, merge, dims.num_tokens, compress_first)
     learned = schedule_macs(model, kept)
     # Multiply every learned count by the one factor that meets the budget: the search learns the

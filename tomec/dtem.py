@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 import logging
 import math
 import numbers
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 
 from . import schedule as schedules
 from .errors import ConfigError, UnsupportedModelError
-from .finetune import task_loss
+from .finetune import frozen, task_loss
 from .ops.dtem import soft_merge
 
 __all__ = [
@@ -246,9 +245,11 @@ class _SoftState:
 
     def begin(self, x: Tensor) -> None:
         if self.schedule is None or self.num_tokens != x.shape[1]:
-            self.schedule = schedules.resolve(
+            from .methods import get
+
+            self.schedule = schedules.resolve(  # as tomec.backend(method="dtem") resolves it
                 self.num_layers, x.shape[1], self.protected, r=self.r, inflect=self.inflect,
-                schedule=self.schedule_spec,
+                schedule=self.schedule_spec, cap=get("dtem").cap,
             )
             self.num_tokens = x.shape[1]
         self.size = x.new_ones(x.shape[0], x.shape[1], 1)
@@ -338,14 +339,20 @@ def soft_merging(
 
 def _batches(data: Any, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
     """Endless (images, labels) batches: random batches of a ``(x, y)`` tensor pair, or an iterable
-    of batches cycled."""
+    of batches, iterated pass after pass."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         x, y = data
         while True:
             idx = torch.randperm(len(y), generator=generator)[:batch_size]
             yield x[idx], y[idx]
     else:
-        yield from itertools.cycle(data)
+        while True:  # pass after pass, so a DataLoader reshuffles (itertools.cycle would replay one)
+            empty = True
+            for batch in data:
+                empty = False
+                yield batch
+            if empty:
+                raise ConfigError("train_heads: the data yielded no batch")
 
 
 def train_heads(
@@ -375,7 +382,7 @@ def train_heads(
     Args:
         model: a timm ViT classifier.
         data: ``(images, labels)`` tensors (random batches of ``batch_size``, seeded), or an iterable
-            of ``(images, labels)`` batches (cycled).
+            of ``(images, labels)`` batches (iterated pass after pass).
         r: total tokens removed, spread as ``tomec.backend(r=r, inflect=inflect)`` spreads it.
         schedule: instead of ``r``, the per-block counts, as ``tomec.backend(schedule=...)`` takes
             them (train with the schedule the heads will run at).
@@ -402,8 +409,6 @@ def train_heads(
     trained = DtemHeads.for_model(model, seed=seed) if heads is None else DtemHeads.from_weights(heads)
     device = next(model.parameters()).device
     trained = trained.to(device)
-    requires = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
     opt = torch.optim.AdamW(trained.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
     if hasattr(model, "_tomec_state"):
@@ -412,27 +417,20 @@ def train_heads(
         unpatch(model)  # as soft_merging would; the teacher must be the unmerged model
     # a copy, since soft merging patches the model's blocks in place
     teacher = copy.deepcopy(model).eval() if distill else None
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
-        trained.train()
-        with soft_merging(model, trained, r=r, inflect=inflect, schedule=schedule, k2=k2, tau1=tau1,
-                          tau2=tau2, split=split, seed=seed + 1):  # not the batches' stream
-            bar = tqdm(range(steps), desc="dtem heads", disable=not progress)
-            for _, (x, y) in zip(bar, _batches(data, batch_size, g)):
-                x, y = x.to(device), y.to(device)
-                with torch.no_grad():
-                    target = teacher(x) if teacher is not None else None
-                loss = task_loss(model(x), y, target)
-                opt.zero_grad()
-                loss.backward()
-                if clip_grad is not None:
-                    nn.utils.clip_grad_norm_(trained.parameters(), clip_grad)
-                opt.step()
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-    finally:
-        for p, flag in requires.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
+    trained.train()
+    with frozen(model), soft_merging(model, trained, r=r, inflect=inflect, schedule=schedule, k2=k2,
+                                     tau1=tau1, tau2=tau2, split=split, seed=seed + 1):
+        # the split draws from seed + 1, a stream apart from the batches'
+        bar = tqdm(range(steps), desc="dtem heads", disable=not progress)
+        for _, (x, y) in zip(bar, _batches(data, batch_size, g)):
+            x, y = x.to(device), y.to(device)
+            with torch.no_grad():
+                target = teacher(x) if teacher is not None else None
+            loss = task_loss(model(x), y, target)
+            opt.zero_grad()
+            loss.backward()
+            if clip_grad is not None:
+                nn.utils.clip_grad_norm_(trained.parameters(), clip_grad)
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
     return trained.cpu().eval()

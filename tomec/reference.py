@@ -129,10 +129,7 @@ def _pool(self: nn.Module, x: Tensor, pool_type: Optional[str] = None) -> Tensor
     if size is None or pool_type not in ("avg", "avgmax") or self.attn_pool is not None:
         return self._tomec_plain_pool(x, pool_type)
     start = 0 if self.pool_include_prefix else self.num_prefix_tokens
-    mean = ops.size_weighted_mean(x[:, start:], size[:, start:])
-    if pool_type == "avg":
-        return mean
-    return 0.5 * (x[:, start:].amax(dim=1) + mean)
+    return ops.size_weighted_pool(x[:, start:], size[:, start:], pool_type)
 
 
 _SUBCLASSES: dict[tuple[type, str], type] = {}

@@ -24,7 +24,7 @@ from .fpet import fpet_cap, fpet_grid, fpet_match
 from .ltmp import ltmp_match, ltmp_prune_cap, ltmp_threshold_counts
 from .matching import bipartite_match, diffrate_match, key_metric, pitome_match
 from .mctf import mctf_match
-from .merge import MERGE_MODES, compose_source, merge, merge_dense, size_weighted_mean
+from .merge import MERGE_MODES, compose_source, merge, merge_dense, size_weighted_mean, size_weighted_pool
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -63,4 +63,5 @@ __all__ = [
     "attention_extra_dim",
     "attention_flex",
     "size_weighted_mean",
+    "size_weighted_pool",
 ]

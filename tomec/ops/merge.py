@@ -143,3 +143,13 @@ def size_weighted_mean(x: Tensor, size: Tensor) -> Tensor:
     """Average over tokens counting each token as many patches as it holds: ``[B, N, C] -> [B, C]``."""
     size = size.to(x.dtype)
     return (x * size).sum(1) / size.sum(1)
+
+
+def size_weighted_pool(x: Tensor, size: Tensor, pool_type: str) -> Tensor:
+    """timm's ``"avg"`` / ``"avgmax"`` token pooling with each token counted ``size [B, N, 1]``
+    times: ``[B, N, C] -> [B, C]``. A token of size 0 (masked out while training) is left out of
+    the max as well as the mean."""
+    mean = size_weighted_mean(x, size)
+    if pool_type == "avg":
+        return mean
+    return 0.5 * (x.masked_fill(size == 0, float("-inf")).amax(dim=1) + mean)
