@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 import timm
 import torch
 from torch import nn
 
 import tomec
 from tomec import reference
+from tomec.errors import TomecError
 
 IMAGE_SIZE = {"test_vit": 160, "deit_tiny_patch16_224": 224}
 TOLERANCE = 1e-4  # max abs error relative to the logits' scale (fp32)
@@ -47,6 +49,18 @@ def compile_tomec(model: nn.Module, **kwargs: Any) -> tuple[Any, tomec.TomecBack
     torch._dynamo.reset()
     be = tomec.backend(**kwargs)
     return torch.compile(model, backend=be, fullgraph=True), be
+
+
+def compile_error(model, x, **kwargs) -> TomecError:
+    """Compile and run; return the tomec error Dynamo wrapped (BackendCompilerFailed)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=tomec.backend(**kwargs), fullgraph=True)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info:
+        with torch.no_grad():
+            compiled(x)
+    inner = info.value.inner_exception
+    assert isinstance(inner, TomecError), repr(inner)
+    return inner
 
 
 def reference_of(model: nn.Module, **kwargs: Any) -> nn.Module:

@@ -73,7 +73,7 @@ def test_agrees_with_scikit_learn(n_clusters):
 @pytest.mark.parametrize("n,protected", SHAPES)
 def test_properties(n, protected):
     metric = _metric(3, n, seed=n + 100)
-    x = torch.randn(3, n, 4, dtype=torch.float64)
+    x = torch.randn(3, n, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(n + 200))
     for r in rs(n, protected):
         dest = atc_match(metric, r, protected)
         assert dest.shape == (3, n) and dest.dtype == torch.int64
@@ -89,7 +89,7 @@ def test_properties(n, protected):
         assert torch.equal(size.sum(1), torch.full((3, 1), float(n), dtype=torch.float64))
         assert torch.equal(x_out[:, :protected], x[:, :protected])
         x_ref, size_ref = tome_oracle.merge(x, None, dest, n_out)
-        assert torch.allclose(x_out, x_ref) and torch.equal(size, size_ref)
+        assert torch.allclose(x_out, x_ref, rtol=1e-12, atol=1e-12) and torch.equal(size, size_ref)
     assert torch.equal(atc_match(metric, 0, protected), torch.arange(n).expand(3, n))
 
 
@@ -160,5 +160,5 @@ def test_errors(call, error, match):
 @pytest.mark.parametrize("fused,batch,prop_attn", [(False, 2, True)])
 def test_model_parity(fused, batch, prop_attn):
     _, _, be, _, _ = check_parity("test_vit", fused, batch, prop_attn, method="atc", r=60,
-                                  trace_source=fused)
+                                  trace_source=True)
     assert be.schedule == [0, 30, 0, 20, 10, 0]

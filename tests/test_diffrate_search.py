@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tomec
-from tests.helpers import images, make_model
+from tests.helpers import TOLERANCE, images, make_model
 from tomec import diffrate_search as ds
 from tomec import reference
 from tomec.bench import digits
@@ -72,7 +72,7 @@ def test_masked_forward_keeping_everything_is_the_model():
     with torch.no_grad():
         logits, macs = ds.masked_forward(model, x, prune, merge, compress_first=True)
         plain = model(x)
-    torch.testing.assert_close(logits, plain, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, plain, rtol=TOLERANCE, atol=TOLERANCE)
     assert macs.item() == pytest.approx(ds.schedule_macs(model, {"prune_kept": [101] * 3,
                                                                  "merge_kept": [101] * 3}))
 

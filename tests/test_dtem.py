@@ -15,7 +15,7 @@ import tomec
 from tomec import dtem, ops, reference
 from tomec.errors import ConfigError
 from tomec.ops.dtem import dtem_match, relaxed_topk, soft_merge
-from tests.helpers import TOLERANCE, compile_tomec, images, make_model, relative_error
+from tests.helpers import TOLERANCE, compile_error, compile_tomec, images, make_model, relative_error
 from tests.oracles import dtem as oracle
 
 
@@ -160,8 +160,9 @@ def test_bad_heads_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="seed"):
         tomec.backend(method="dtem", r=8, seed=-1)
     model, x = make_model("test_vit"), images("test_vit", 1)
-    with pytest.raises(Exception, match="3 blocks, the model 6"):
-        _logits(model, x, heads=dtem.DtemHeads.create(3, 64, 16))
+    err = compile_error(model, x, method="dtem", r=40, compiler="eager",
+                        heads=dtem.DtemHeads.create(3, 64, 16))
+    assert isinstance(err, ConfigError) and "heads has 3 blocks, the model 6 attention blocks" in str(err)
 
 
 def test_warns_without_weights(caplog):
@@ -188,7 +189,17 @@ def test_random_heads_are_seeded_and_reproducible():
 def test_parity_compiled_vs_reference_same_heads(fused, batch):
     model, x = make_model("test_vit", fused), images("test_vit", batch)
     heads = _heads()
-    out, be = _logits(model, x, heads=heads, trace_source=True)
+    torch._dynamo.reset()
+    be = tomec.backend(method="dtem", r=40, compiler="eager", heads=heads, trace_source=True)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        compiled = be(gm, example_inputs)
+        graphs.append(gm)  # the passes rewrite Dynamo's graph module in place
+        return compiled
+
+    with torch.no_grad():
+        out = torch.compile(model, backend=capture, fullgraph=True)(x)
     ref = reference.patch(make_model("test_vit", fused), "dtem", r=40, heads=heads, trace_source=True)
     with torch.no_grad():
         expect, plain = ref(x), model(x)
@@ -197,9 +208,19 @@ def test_parity_compiled_vs_reference_same_heads(fused, batch):
     assert relative_error(out, expect) <= TOLERANCE
     assert relative_error(out, plain) > 100 * TOLERANCE
     assert torch.equal(be.last_info["source"], st.source)
+    assert "block 0" in be.report()
     # the heads are graph buffers read by get_attr nodes, not constants in node arguments
-    report = be.report()
-    assert "block 0" in report
+    (gm,) = graphs
+    reads = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith("_tomec_dtem_")}
+    buffers = dict(gm.named_buffers())
+    wanted = {f"_tomec_dtem_{i}_{name}": tensor for i, block in enumerate(_block_weights(heads=heads))
+              for name, tensor in block.items() if be.schedule[i] > 0}
+    assert len(wanted) > 0 and reads == set(wanted)
+    for attr, tensor in wanted.items():
+        assert torch.equal(buffers[attr], tensor.to(buffers[attr].dtype)), attr
+    for node in gm.graph.nodes:
+        leaves = torch.utils._pytree.tree_leaves((node.args, node.kwargs))
+        assert not any(isinstance(a, torch.Tensor) for a in leaves), node.format_node()
 
 
 # --- training ---------------------------------------------------------------------------------

@@ -7,26 +7,13 @@ import torch
 from torch import nn
 
 import tomec
-from tests.helpers import images, make_model
+from tests.helpers import compile_error, images, make_model
 from tomec.errors import (
     ConfigError,
     ScheduleError,
-    TomecError,
     UnsupportedDtypeError,
     UnsupportedModelError,
 )
-
-
-def compile_error(model, x, **kwargs) -> TomecError:
-    """Compile and run; return the tomec error Dynamo wrapped (BackendCompilerFailed)."""
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=tomec.backend(**kwargs), fullgraph=True)
-    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info:
-        with torch.no_grad():
-            compiled(x)
-    inner = info.value.inner_exception
-    assert isinstance(inner, TomecError), repr(inner)
-    return inner
 
 
 @pytest.mark.parametrize(

@@ -78,5 +78,6 @@ def test_finetune_dispatches_to_each_example(what, expect, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["finetune", what, "--help"])
     assert e.value.code == 0 and expect in capsys.readouterr().out
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         cli.main(["finetune", "nothing"])
+    assert e.value.code == 2 and "invalid choice: 'nothing'" in capsys.readouterr().err  # argparse's usage error

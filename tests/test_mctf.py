@@ -10,7 +10,7 @@ import torch
 
 import tomec
 from tests.helpers import check_parity, compile_tomec, images, make_model, relative_error, tie_metric
-from tests.helpers import reference_of
+from tests.helpers import TOLERANCE, reference_of
 from tests.oracles import mctf as oracle
 from tests.oracles import tome as tome_oracle
 from tomec import methods
@@ -236,7 +236,7 @@ def test_model_parity_one_way_and_options():
     default = reference_of(model, method="mctf", r=40)
     with torch.no_grad():
         out, expect, other = compiled(x), ref(x), default(x)
-    assert relative_error(out, expect) <= 1e-4
+    assert relative_error(out, expect) <= TOLERANCE
     assert relative_error(out, other) > 1e-2  # the options reach the matcher
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .tome import _dot, _unit
+from .tome import _dot, _unit, attention_row
 
 
 def diffrate_match(x, q, k, size, r, protected, n_dropped=0, scale=None, prop_attn=True):
@@ -20,17 +18,9 @@ def diffrate_match(x, q, k, size, r, protected, n_dropped=0, scale=None, prop_at
     for b in range(batch):
         importance = [0.0] * n
         for h in range(heads):
-            logits = []
+            row = attention_row(q, k, size, b, h, 0, scale, prop_attn)  # the class token's attention
             for j in range(n):
-                v = _dot(q[b, h, 0].tolist(), k[b, h, j].tolist()) * scale
-                if prop_attn and size is not None:
-                    v += math.log(float(size[b, j, 0]))
-                logits.append(v)
-            top = max(logits)
-            weights = [math.exp(v - top) for v in logits]
-            total = sum(weights)
-            for j in range(n):
-                importance[j] += weights[j] / total / heads
+                importance[j] += row[j] / heads
         order = sorted(range(protected, n), key=lambda i: (-importance[i], i))
         keep, src = order[:n_keep], order[n_keep : n_keep + n_src]
         dest = list(range(protected)) + [-1] * t

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import math
-
-from .tome import _dot, _unit
+from .tome import _dot, _unit, attention_row
 
 
 def attention_received(q, k, size=None, scale=None, prop_attn=True):
@@ -17,17 +15,9 @@ def attention_received(q, k, size=None, scale=None, prop_attn=True):
         recv = [0.0] * n
         for h in range(heads):
             for i in range(n):
-                row = []
+                row = attention_row(q, k, size, b, h, i, scale, prop_attn)
                 for j in range(n):
-                    v = _dot(q[b, h, i].tolist(), k[b, h, j].tolist()) * scale
-                    if prop_attn and size is not None:
-                        v += math.log(float(size[b, j, 0]))
-                    row.append(v)
-                top = max(row)
-                e = [math.exp(v - top) for v in row]
-                total = sum(e)
-                for j in range(n):
-                    recv[j] += e[j] / total / (heads * n)
+                    recv[j] += row[j] / (heads * n)
         out.append(recv)
     return out
 

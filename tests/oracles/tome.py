@@ -16,6 +16,21 @@ def _dot(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b))
 
 
+def attention_row(q, k, size, b: int, h: int, i: int, scale: float, prop_attn: bool) -> list[float]:
+    """Query ``i``'s attention over the keys ``j`` (image ``b``, head ``h``), one key at a time:
+    ``softmax_j(q_i·k_j·scale + log size_j)``, the ``log size`` term only with ``prop_attn`` and sizes."""
+    logits = []
+    for j in range(k.shape[2]):
+        v = _dot(q[b, h, i].tolist(), k[b, h, j].tolist()) * scale
+        if prop_attn and size is not None:
+            v += math.log(float(size[b, j, 0]))
+        logits.append(v)
+    top = max(logits)
+    e = [math.exp(v - top) for v in logits]
+    total = sum(e)
+    return [v / total for v in e]
+
+
 def bipartite_match(metric: torch.Tensor, r: int, protected: int, drop_sources: bool = False) -> torch.Tensor:
     """``[B, N, d]`` -> ``dest [B, N]``, by the letter of the spec; ``drop_sources``: ToFu's pruning."""
     batch, n, _ = metric.shape
