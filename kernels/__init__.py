@@ -10,10 +10,14 @@ does not import Triton; :func:`load` does.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from typing import Optional
 
-__all__ = ["load", "unavailable_reason", "interpreting"]
+__all__ = ["load", "unavailable_reason", "interpreting", "MODULES"]
+
+# The kernel modules (each launches through its own ``wrap_triton`` name: kernels.aot records there).
+MODULES = ("atc", "crossget", "match", "mctf", "merge", "pitome")
 
 
 def interpreting() -> bool:
@@ -37,4 +41,5 @@ def load() -> None:
     reason = unavailable_reason()
     if reason is not None:
         raise ImportError(reason)
-    from . import atc, crossget, match, mctf, merge, pitome  # noqa: F401
+    for name in MODULES:
+        importlib.import_module(f"{__name__}.{name}")

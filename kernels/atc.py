@@ -39,7 +39,18 @@ def _round(x, DT: tl.constexpr, WIDE: tl.constexpr):
     return x.to(DT).to(WIDE)
 
 
-@triton.jit
+def _atc_cost(grid, metadata, args):
+    dist = args["dist_ptr"]
+    batch, t, steps = grid[0], args["T"], args["n_merges"]
+    es = dist.element_size()
+    bt = args["BLOCK_T"]
+    per_step = t * bt * 3 + bt * 24  # the first minimum (compare, select, index), then rows i and j
+    moved = batch * (t * t * es * 3 + t * 8)  # dist read, sums and linkages written
+    loads = batch * (t * t * es * 3 + steps * (t * bt * es + 12 * bt * es) + t * 8)
+    return {"flops": batch * (t * bt * 2 + steps * per_step), "bytes": moved, "loads": loads}
+
+
+@triton.jit(launch_metadata=_atc_cost)
 def _atc_cluster_kernel(
     dist_ptr,
     sums_ptr,

@@ -24,8 +24,22 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .common import padded
 
-@triton.jit
+
+def _crossget_rowmax_cost(grid, metadata, args):
+    metric = args["metric_ptr"]
+    batch, n, d = metric.shape
+    bm, bn, bd = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_D"]
+    pm, pn, pd = padded(n, bm), padded(n, bn), padded(d, bd)
+    es = metric.element_size()
+    flops = batch * pm * pn * (2 * pd + 14)  # dot, two scalings, symmetrization, mask, running max
+    moved = batch * (n * d * es + n * (4 + 8 + 8) + n * 12)
+    loads = batch * (n * d * es + grid[1] * n * (d * es + 4 + 8) + n * 24)
+    return {"flops": flops, "bytes": moved, "loads": loads}
+
+
+@triton.jit(launch_metadata=_crossget_rowmax_cost)
 def _crossget_rowmax_kernel(
     metric_ptr, inv_ptr, row_key_ptr, col_key_ptr, best_ptr, arg_ptr,
     N, D, protected,

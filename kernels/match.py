@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-TINY = 1.1754943508222875e-38  # smallest normal fp32: keeps an all-zero metric row finite
+from .common import TINY, padded
 
 
 @triton.jit
@@ -42,7 +42,22 @@ def head_sum_keys(keys, metric, inv, n, H, stride_kh, stride_kn, stride_kd, D,
         tl.store(inv + t, 1.0 / tl.maximum(tl.sqrt(tl.sum(acc * acc, axis=1)), TINY), mask=tmask)
 
 
-@triton.jit
+def _tome_match_cost(grid, metadata, args):
+    keys = args["keys_ptr"]
+    batch, n, heads, d, bd = grid[0], args["N"], args["H"], args["D"], args["BLOCK_D"]
+    n_a, n_b = (n + 1) // 2, n // 2
+    pa, pb = padded(n_a, args["BLOCK_A"]), padded(n_b, args["BLOCK_B"])
+    head_sum = n * heads * d + 3 * n * bd  # sums over heads, then the norms
+    best = pa * pb * (2 * bd + 8)  # dot, scale, mask, running max
+    rank = pa * pa * 4
+    scratch = n * bd * 4
+    moved = batch * (n * heads * d * keys.element_size() + 2 * scratch + n * 8 + n_a * 16)
+    loads = batch * (n * heads * d * keys.element_size() + scratch + (pa // args["BLOCK_A"]) * n_b * bd * 4
+                     + n_a * bd * 4 + pa * pa * 4 // args["BLOCK_A"] + n * 8)
+    return {"flops": batch * (head_sum + best + rank), "bytes": moved, "loads": loads}
+
+
+@triton.jit(launch_metadata=_tome_match_cost)
 def _tome_match_kernel(
     keys_ptr,
     dest_ptr,

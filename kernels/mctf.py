@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .common import padded
+
 
 @triton.jit
 def _logits(q, k_ptr, bias_ptr, offs_n, offs_d, N, D, scale, stride_kn, stride_kd, stride_bn,
@@ -31,7 +33,28 @@ def _logits(q, k_ptr, bias_ptr, offs_n, offs_d, N, D, scale, stride_kn, stride_k
     return tl.where(nmask[None, :], s, float("-inf"))
 
 
-@triton.jit
+def _attention_cost(grid, args, stream_rows):
+    """Both passes compute every (query, key) logit of every head; ``stream_rows``: the q or k rows
+    that each program loads besides its own tile."""
+    q = args["q_ptr"]
+    batch, heads, n, d = q.shape
+    row = d * q.element_size()
+    pm, pn = padded(n, args["BLOCK_M"]), padded(n, args["BLOCK_N"])
+    logits = batch * heads * pm * pn * (2 * args["BLOCK_D"] + 6)  # dot, scale, bias, exp, sum
+    moved = batch * heads * n * (2 * row + 4) + batch * n * 4
+    programs = grid[0] * grid[1] * (grid[2] if len(grid) > 2 else 1)
+    return {"flops": logits, "bytes": moved, "loads": batch * heads * n * row + programs * stream_rows * row}
+
+
+def _row_lse_cost(grid, metadata, args):
+    return _attention_cost(grid, args, args["N"])  # every key of the program's head
+
+
+def _column_mean_cost(grid, metadata, args):
+    return _attention_cost(grid, args, args["H"] * args["N"])  # every query of every head
+
+
+@triton.jit(launch_metadata=_row_lse_cost)
 def _row_lse_kernel(
     q_ptr, k_ptr, bias_ptr, lse_ptr, N, H, D, scale,
     stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
@@ -58,7 +81,7 @@ def _row_lse_kernel(
     tl.store(lse_ptr + (img * H + head) * N + offs_m, m_i + tl.log(l_i), mask=mmask)
 
 
-@triton.jit
+@triton.jit(launch_metadata=_column_mean_cost)
 def _column_mean_kernel(
     q_ptr, k_ptr, bias_ptr, lse_ptr, out_ptr, N, H, D, scale,
     stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,

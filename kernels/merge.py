@@ -17,11 +17,20 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .common import TINY, log2_ceil
+
 MEAN, NORM_PRESERVING = 0, 1
 MODES = {"mean": MEAN, "norm_preserving": NORM_PRESERVING}
 
 
-@triton.jit
+def _csr_cost(grid, metadata, args):
+    batch, n, block = grid[0], args["N"], args["BLOCK_N"]
+    stages = log2_ceil(block) * (log2_ceil(block) + 1) // 2  # bitonic sort
+    moved = batch * (n * (8 + 4 + 8) + (args["n_out"] + 1) * 4)  # dest twice, perm, starts
+    return {"flops": batch * block * stages * 2, "bytes": moved, "loads": moved}
+
+
+@triton.jit(launch_metadata=_csr_cost)
 def _dest_csr_kernel(
     dest_ptr,
     perm_ptr,
@@ -54,7 +63,19 @@ def _dest_csr_kernel(
     tl.store(starts + n_out, n_kept)
 
 
-@triton.jit
+def _merge_cost(grid, metadata, args):
+    x, out = args["x_ptr"], args["out_ptr"]
+    batch, n, channels = x.shape
+    n_out = out.shape[1]
+    per_token = 2 + 2 * (args["MODE"] == 1)  # weighted add (+ the norm)
+    side = 4 * args["HAS_SIZE"] + 4 * args["HAS_W"]
+    moved = batch * ((n * channels + n_out * channels) * x.element_size() + n * (4 + side) + n_out * 8)
+    col_tiles = grid[2]
+    loads = moved + batch * n * (4 + side) * (col_tiles - 1)  # perm and sizes re-read per channel tile
+    return {"flops": batch * n * channels * per_token, "bytes": moved, "loads": loads}
+
+
+@triton.jit(launch_metadata=_merge_cost)
 def _merge_kernel(
     x_ptr,
     size_ptr,
@@ -120,7 +141,7 @@ def _merge_kernel(
     mean = acc / tl.where(smask, weight, 1.0)[:, None]
     if MODE == 1:
         norm = tl.sqrt(tl.sum(mean * mean, axis=1))
-        mean = mean * (largest / tl.maximum(norm, 1.1754943508222875e-38))[:, None]
+        mean = mean * (largest / tl.maximum(norm, TINY))[:, None]
     tl.store(
         out_ptr + img * stride_ob + s[:, None] * stride_on + c[None, :] * stride_oc,
         mean.to(out_ptr.dtype.element_ty),
@@ -130,7 +151,12 @@ def _merge_kernel(
         tl.store(size_out_ptr + img * n_out + s, total.to(size_out_ptr.dtype.element_ty), mask=smask)
 
 
-@triton.jit
+def _compose_cost(grid, metadata, args):
+    moved = args["source_ptr"].numel() * 8 * 3  # source, one dest entry per token, out
+    return {"flops": 0, "bytes": moved, "loads": moved}
+
+
+@triton.jit(launch_metadata=_compose_cost)
 def _compose_source_kernel(
     source_ptr, dest_ptr, out_ptr, N0, N, stride_sb, stride_db, stride_dn, BLOCK: tl.constexpr
 ):

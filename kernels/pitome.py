@@ -15,10 +15,32 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .common import padded
 from .match import head_sum_keys
 
 
-@triton.jit
+def _pitome_cost(grid, metadata, args):
+    keys = args["keys_ptr"]
+    batch, n, heads, d, bd, blk = grid[0], args["N"], args["H"], args["D"], args["BLOCK_D"], args["BLOCK"]
+    t = n - args["protected"]
+    r = args["r"]
+    n_a = (t + 1) // 2 if args["BSM"] else r
+    n_b = t // 2 if args["BSM"] else r
+    pt, pa, pb = padded(t, blk), padded(n_a, blk), padded(n_b, blk)
+    head_sum = t * heads * d + 3 * t * bd
+    energy = pt * pt * (2 * bd + 8)  # dot, scale, ELU, sum
+    order = pt * pt * 4
+    best = pa * pb * (2 * bd + 8)
+    rank = pa * pa * 4 if args["BSM"] else 0
+    scratch = t * bd * 4
+    moved = batch * (t * heads * d * keys.element_size() + 2 * scratch + n * 8 + t * 12 + n_a * 8)
+    tiles = pt // blk
+    loads = batch * (t * heads * d * keys.element_size() + scratch + tiles * (t * bd * 4 + t * 4) * 2
+                     + (pa // blk) * n_b * bd * 4 + n * 8)
+    return {"flops": batch * (head_sum + energy + order + best + rank), "bytes": moved, "loads": loads}
+
+
+@triton.jit(launch_metadata=_pitome_cost)
 def _pitome_kernel(
     keys_ptr, dest_ptr, metric_ptr, inv_ptr, energy_ptr, order_ptr, best_ptr, partner_ptr,
     N, H, D, r, protected, margin,

@@ -1,0 +1,153 @@
+"""A lower bound on every kernel's time on an H200, beside the time of the layer it serves.
+
+Without a GPU, each kernel's time is bounded from its own cost declaration (``launch_metadata``:
+CUDA-core operations, tensor-core FLOPs, distinct global bytes, all bytes loaded), its grid, and the
+device's per-SM and total throughput (DESIGN.md, "The kernel performance model"):
+
+    t = max(flops / (f_sm · S), tc_flops / (t_sm · S), bytes / B_hbm, loads / (b_sm · S)),
+    S = min(SMs, programs)
+
+so a kernel whose grid leaves SMs idle is charged for it. The layer it serves (a ViT block at the
+same batch and token count, bf16) is bounded the same way from its GEMM FLOPs and the bytes of its
+weights and activations. When a GPU is lent, ``bench/kernels.py`` measures the same rows and
+``measured_us`` replaces the model's figure there.
+
+    python -m tomec.bench.kernel_model          # writes bench/results/kernels-model.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .aot import MODELS, Shape, kernel_methods, step_launches
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Device:
+    """Peak figures of one GPU (per SM where the model divides work over SMs)."""
+
+    name: str
+    sms: int
+    clock_hz: float  # boost clock
+    ops_per_sm_clock: float  # CUDA-core operations (an FMA is 2)
+    tc_flops: float  # dense 16-bit tensor-core FLOP/s, whole device
+    hbm_bytes_per_s: float
+    sm_bytes_per_clock: float  # what one SM can load from L2 per clock
+
+    @property
+    def sm_ops(self) -> float:
+        return self.ops_per_sm_clock * self.clock_hz
+
+    @property
+    def sm_tc(self) -> float:
+        return self.tc_flops / self.sms
+
+    @property
+    def sm_bytes(self) -> float:
+        return self.sm_bytes_per_clock * self.clock_hz
+
+
+# NVIDIA's H200 SXM figures: 132 SMs at 1.98 GHz, 128 FP32 lanes per SM, 989 TFLOP/s dense BF16,
+# 4.8 TB/s HBM3e; 64 B per clock per SM from L2.
+H200 = Device("NVIDIA H200 (model)", 132, 1.98e9, 256.0, 989.4e12, 4.8e12, 64.0)
+
+# The shapes the acceptance rule reads (ViT-B at 224 px, ViT-L at 384 px) and DeiT-S for reference.
+CASES = (("deit_s", 197), ("vit_b", 197), ("vit_l", 577))
+BATCHES = (1, 256)
+SHARE_LIMIT = 0.05  # of the layer's time, at batch 1, for ViT-B and ViT-L
+
+
+def launch_time(cost: dict[str, float], programs: int, device: Device = H200) -> float:
+    """Seconds: the model's lower bound for one launch."""
+    s = min(device.sms, max(programs, 1))
+    return max(
+        cost["flops"] / (device.sm_ops * s),
+        cost["tc_flops"] / (device.sm_tc * s),
+        cost["bytes"] / device.hbm_bytes_per_s,
+        cost["loads"] / (device.sm_bytes * s),
+    )
+
+
+def layer_time(width: int, tokens: int, batch: int, device: Device = H200, element: int = 2) -> float:
+    """Seconds: the lower bound of one ViT block (MLP ratio 4) at ``tokens`` tokens, 16-bit."""
+    tc = 2 * batch * (12 * tokens * width ** 2 + 2 * tokens ** 2 * width)
+    # weights once; activations: the ten ops of a block read 20 and write 18 token-sized tensors
+    moved = 12 * width ** 2 * element + 38 * batch * tokens * width * element
+    return max(tc / device.tc_flops, moved / device.hbm_bytes_per_s)
+
+
+@dataclass
+class Row:
+    model: str
+    tokens: int
+    batch: int
+    method: str
+    kernel: str
+    grid: list[int]
+    programs: int
+    flops: float
+    tc_flops: float
+    bytes: float
+    loads: float
+    model_us: float
+    layer_us: float
+    share: float
+    measured_us: Optional[float] = None
+    notes: list[str] = field(default_factory=list)
+
+
+def rows(cases: Sequence[tuple[str, int]] = CASES, batches: Sequence[int] = BATCHES,
+         dtype: torch.dtype = torch.bfloat16, device: Device = H200,
+         method_names: Optional[Sequence[str]] = None) -> list[Row]:
+    """One row per kernel launch of every method's block step (its later block: sizes threaded)."""
+    out = []
+    for model, tokens in cases:
+        width, heads = MODELS[model]
+        for batch in batches:
+            layer = layer_time(width, tokens, batch, device)
+            shape = Shape(model, width, heads, tokens, batch, dtype)
+            for method in method_names or kernel_methods():
+                # the later block's step (sizes and source map threaded): the network's steady state
+                for launch in step_launches(method, shape)[-1]:
+                    cost = launch.cost()
+                    t = launch_time(cost, launch.programs, device)
+                    out.append(Row(model, tokens, batch, method, launch.name, list(launch.grid),
+                                   launch.programs, cost["flops"], cost["tc_flops"], cost["bytes"],
+                                   cost["loads"], t * 1e6, layer * 1e6, t / layer))
+    return out
+
+
+def over_limit(table: Sequence[Row]) -> list[Row]:
+    """Rows the acceptance rule flags: batch 1, ViT-B or ViT-L, above 5% of the layer."""
+    return [r for r in table if r.batch == 1 and r.model in ("vit_b", "vit_l") and r.share > SHARE_LIMIT]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(RESULTS / "kernels-model.json"))
+    parser.add_argument("--methods", default=None, help="only these methods (comma-separated)")
+    args = parser.parse_args(argv)
+    table = rows(method_names=args.methods.split(",") if args.methods else None)
+    device = asdict(H200)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(
+        dict(device=device, share_limit=SHARE_LIMIT, rows=[asdict(r) for r in table]), indent=1))
+    print(f"{'model':7} {'N':>5} {'B':>4} {'method':9} {'kernel':28} {'programs':>8} {'us':>8} {'layer us':>9} share")
+    for r in table:
+        flag = "  <-- above 5%" if r in over_limit(table) else ""
+        print(f"{r.model:7} {r.tokens:5} {r.batch:4} {r.method:9} {r.kernel:28} {r.programs:8} "
+              f"{r.model_us:8.3f} {r.layer_us:9.2f} {r.share:6.1%}{flag}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
