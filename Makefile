@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: demo test test-fast test-kernels venv clean
+.PHONY: demo test test-fast test-kernels venv clean gpu
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ test: $(STAMP)
 # Everything but the Inductor compiles (seconds instead of minutes).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests --ignore=tests/kernels -m "not slow"
+
+# On a lent GPU machine (its own Python, torch and Triton; no venv, nothing installed): every GPU test
+# and benchmark in one call, results and logs into $(OUT). See bench/gpu.py.
+GPU_PYTHON ?= python3
+OUT ?= bench/results/gpu
+gpu:
+	$(GPU_PYTHON) bench/gpu.py --out $(OUT)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

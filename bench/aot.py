@@ -103,35 +103,55 @@ def _layers(name: str, options: dict) -> list[int]:
     return [0, NUM_LAYERS - 1]
 
 
-def step_launches(name: str, shape: Shape) -> list[list[aot.Launch]]:
-    """The kernel launches of method ``name``'s block steps at ``shape`` (recorded, not run): one
-    list for its first block (no sizes, no source map yet), one for a later block."""
+def step_calls(name: str, shape: Shape, device: str = "meta") -> list[tuple[tuple, dict]]:
+    """``merge_step``'s arguments for method ``name``'s block steps at ``shape`` on ``device``: one
+    call for its first block (no sizes, no source map yet), one for a later block. On a real device
+    the tensors hold random values (sizes >= 1, a valid source map)."""
     spec = methods.get(name)
     d = shape.width // shape.heads
-    meta = dict(device="meta", dtype=shape.dtype)
     b, n = shape.batch, shape.tokens
+    real = device != "meta"
+    g = torch.Generator(device=device).manual_seed(0) if real else None
+
+    def tensor(*dims: int, dtype: torch.dtype = shape.dtype) -> torch.Tensor:
+        if not real:
+            return torch.empty(*dims, device=device, dtype=dtype)
+        return torch.randn(*dims, device=device, generator=g).to(dtype)
+
     # q and k are views of one fused qkv projection, as timm's blocks make them
-    q, k, _ = torch.empty(b, n, 3, shape.heads, d, **meta).permute(2, 0, 3, 1, 4).unbind(0)
-    x = torch.empty(b, n, shape.width, **meta)
+    q, k, _ = tensor(b, n, 3, shape.heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    x = tensor(b, n, shape.width)
     r = max(1, (n - PROTECTED) // 8)
     options = _options(name, r)
-    steps = []
+    calls = []
     for i, layer in enumerate(_layers(name, options)):
+        size = source = None
+        if i > 0:
+            size = tensor(b, n, 1).abs() + 1 if real else tensor(b, n, 1)
+            source = (torch.arange(n, device=device).expand(b, n).contiguous() if real
+                      else tensor(b, n, dtype=torch.int64))
+        kwargs = dict(
+            method=name, r=r, protected=PROTECTED, layer=layer, num_layers=NUM_LAYERS,
+            scale=d ** -0.5, trace_source=True, impl="triton",
+            options={o: v for o, v in options.items() if o not in spec.param_options},
+        )
+        if "attn_in" in spec.inputs:
+            kwargs["attn_in"] = x
+        if spec.params is not None:
+            params = spec.params(options, layer=layer, num_layers=NUM_LAYERS, channels=shape.width,
+                                 head_dim=d)
+            kwargs["params"] = {p: t.to(device=device, dtype=shape.dtype) for p, t in params.items()}
+        calls.append(((x, size, source, k, q), kwargs))
+    return calls
+
+
+def step_launches(name: str, shape: Shape) -> list[list[aot.Launch]]:
+    """The kernel launches of method ``name``'s block steps at ``shape`` (recorded, not run), one
+    list per call of :func:`step_calls`."""
+    steps = []
+    for args, kwargs in step_calls(name, shape):
         with aot.record() as launches:
-            size = None if i == 0 else torch.empty(b, n, 1, **meta)
-            source = None if i == 0 else torch.empty(b, n, dtype=torch.int64, device="meta")
-            kwargs = dict(
-                method=name, r=r, protected=PROTECTED, layer=layer, num_layers=NUM_LAYERS,
-                scale=d ** -0.5, trace_source=True, impl="triton",
-                options={o: v for o, v in options.items() if o not in spec.param_options},
-            )
-            if "attn_in" in spec.inputs:
-                kwargs["attn_in"] = x
-            if spec.params is not None:
-                params = spec.params(options, layer=layer, num_layers=NUM_LAYERS, channels=shape.width,
-                                     head_dim=d)
-                kwargs["params"] = {p: t.to(**meta) for p, t in params.items()}
-            methods.merge_step(x, size, source, k, q, **kwargs)
+            methods.merge_step(*args, **kwargs)
         steps.append(launches)
     return steps
 

@@ -25,7 +25,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .aot import MODELS, Shape, kernel_methods, step_launches
+from tomec import methods
+from tomec.bench.aot import MODELS, Shape, kernel_methods, step_calls, step_launches
+from tomec.bench.machine import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -125,6 +127,38 @@ def rows(cases: Sequence[tuple[str, int]] = CASES, batches: Sequence[int] = BATC
     return out
 
 
+def measure(table: Sequence[Row], dtype: torch.dtype = torch.bfloat16, iters: int = 20) -> None:
+    """Fill ``measured_us`` from the GPU: each method's block step runs on random inputs of the
+    row's shape under ``torch.profiler``; a kernel's time is its mean device time per launch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    groups: dict[tuple, list[Row]] = {}
+    for row in table:
+        groups.setdefault((row.model, row.tokens, row.batch, row.method), []).append(row)
+    for (model, tokens, batch, method), members in groups.items():
+        width, heads = MODELS[model]
+        args, kwargs = step_calls(method, Shape(model, width, heads, tokens, batch, dtype), "cuda")[-1]
+        for _ in range(3):
+            methods.merge_step(*args, **kwargs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                methods.merge_step(*args, **kwargs)
+            torch.cuda.synchronize()
+        totals: dict[str, float] = {}
+        for event in prof.key_averages():
+            us = getattr(event, "device_time_total", None)
+            us = getattr(event, "cuda_time_total", 0.0) if us is None else us
+            totals[event.key] = totals.get(event.key, 0.0) + us
+        launches_per_step: dict[str, int] = {}
+        for row in members:
+            launches_per_step[row.kernel] = launches_per_step.get(row.kernel, 0) + 1
+        for row in members:
+            if row.kernel in totals:
+                row.measured_us = totals[row.kernel] / iters / launches_per_step[row.kernel]
+                row.notes.append(f"measured: torch.profiler, mean of {iters} steps")
+
+
 def over_limit(table: Sequence[Row]) -> list[Row]:
     """Rows the acceptance rule flags: batch 1, ViT-B or ViT-L, above 5% of the layer."""
     return [r for r in table if r.batch == 1 and r.model in ("vit_b", "vit_l") and r.share > SHARE_LIMIT]
@@ -134,17 +168,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(RESULTS / "kernels-model.json"))
     parser.add_argument("--methods", default=None, help="only these methods (comma-separated)")
+    parser.add_argument("--measure", action="store_true", help="also measure every row on this GPU")
     args = parser.parse_args(argv)
     table = rows(method_names=args.methods.split(",") if args.methods else None)
+    measured_on = None
+    if args.measure:
+        if not torch.cuda.is_available():
+            print("--measure: skipped, no CUDA device here (the table holds the model's figures only)")
+        else:
+            measure(table)
+            measured_on = machine("cuda")
     device = asdict(H200)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(
-        dict(device=device, share_limit=SHARE_LIMIT, rows=[asdict(r) for r in table]), indent=1))
-    print(f"{'model':7} {'N':>5} {'B':>4} {'method':9} {'kernel':28} {'programs':>8} {'us':>8} {'layer us':>9} share")
+        dict(device=device, share_limit=SHARE_LIMIT, measured_on=measured_on, machine=machine("cpu"),
+             rows=[asdict(r) for r in table]), indent=1))
+    print(f"{'model':7} {'N':>5} {'B':>4} {'method':9} {'kernel':28} {'programs':>8} {'us':>8} "
+          f"{'layer us':>9} share  measured us")
+    flagged = {id(r) for r in over_limit(table)}
     for r in table:
-        flag = "  <-- above 5%" if r in over_limit(table) else ""
+        flag = "  <-- above 5%" if id(r) in flagged else ""
+        measured = f"{r.measured_us:11.2f}" if r.measured_us is not None else f"{'-':>11}"
         print(f"{r.model:7} {r.tokens:5} {r.batch:4} {r.method:9} {r.kernel:28} {r.programs:8} "
-              f"{r.model_us:8.3f} {r.layer_us:9.2f} {r.share:6.1%}{flag}")
+              f"{r.model_us:8.3f} {r.layer_us:9.2f} {r.share:6.1%} {measured}{flag}")
     print(f"wrote {args.out}")
     return 0
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +25,8 @@ from tqdm import tqdm
 
 from tomec.bench.timing import time_cpu, time_cuda
 from tomec import kernels, ops
+
+from tomec.bench.machine import device_name, machine
 
 # name: (tokens, width, heads); r: tokens one ToMe layer removes at r=13-per-layer settings
 MODELS = {"deit_s": (197, 384, 6), "vit_b": (197, 768, 12), "vit_l": (197, 1024, 16)}
@@ -64,19 +65,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,32,256")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--quick", action="store_true", help="CPU check: small batches, fp32")
+    parser.add_argument("--providers", default="eager,inductor,triton",
+                        help="of eager, inductor, triton (triton only on CUDA)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
 
     device = args.device
     if args.quick:
         args.batches, args.dtypes, args.models = "1,8", "float32", "deit_s"
-    providers = ["eager", "inductor"]
-    if device == "cuda" and kernels.unavailable_reason() is None:
-        providers.append("triton")
+    providers = [p for p in args.providers.split(",") if p != "triton"]
+    if "triton" in args.providers.split(","):
+        if device == "cuda" and kernels.unavailable_reason() is None:
+            providers.append("triton")
+        else:
+            print(f"triton provider skipped: {kernels.unavailable_reason() or 'needs a CUDA device'}")
     timer = time_cuda if device == "cuda" else time_cpu
     bandwidth = copy_bandwidth(device)
     gpu = torch.cuda.get_device_name() if device == "cuda" else None
-    print(f"device {gpu or platform.processor() or 'cpu'}: copy bandwidth {bandwidth:.0f} GB/s")
+    print(f"device {device_name(device)}: copy bandwidth {bandwidth:.0f} GB/s")
 
     cases = [
         (m, b, getattr(torch, dt))
@@ -112,15 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:  # speedups within each (shape, kernel)
         same = [o for o in rows if all(o[f] == row[f] for f in ("model", "batch", "dtype", "kernel"))]
         base = {o["provider"]: o["ms"] for o in same}
-        row["speedup_vs_eager"] = base["eager"] / row["ms"]
-        row["speedup_vs_inductor"] = base["inductor"] / row["ms"]
+        for other in ("eager", "inductor"):
+            row[f"speedup_vs_{other}"] = base[other] / row["ms"] if other in base else None
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = (gpu or "cpu").replace(" ", "-")
-    meta = dict(machine=platform.node(), processor=platform.processor(), torch=torch.__version__,
-                triton=_triton_version(), gpu=gpu, copy_gb_per_s=bandwidth,
-                threads=torch.get_num_threads())
+    meta = dict(machine(device), copy_gb_per_s=bandwidth)
     with open(out / f"kernels-{tag}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -129,19 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         if row["kernel"] == "step":
             share = f"{row['copy_share']:.0%}" if row["copy_share"] is not None else ""
+            ratios = "  ".join(f"x{row[f'speedup_vs_{o}']:.2f} {o}" for o in ("eager", "inductor")
+                               if row[f"speedup_vs_{o}"] is not None)
             print(f"{row['model']:7} b={row['batch']:<4} {row['dtype']:9} {row['provider']:9} "
-                  f"{row['ms']:8.3f} ms  x{row['speedup_vs_eager']:.2f} eager  "
-                  f"x{row['speedup_vs_inductor']:.2f} inductor  {share} of copy bandwidth")
+                  f"{row['ms']:8.3f} ms  {ratios}  {share} of copy bandwidth")
     print(f"wrote {out / f'kernels-{tag}.csv'}")
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-
-        return triton.__version__
-    except Exception:
-        return None
 
 
 if __name__ == "__main__":

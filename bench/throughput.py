@@ -25,7 +25,6 @@ import copy
 import csv
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -39,28 +38,10 @@ import tomec
 from tomec import reference
 from tomec.flops import flops_report
 
+from tomec.bench.machine import device_name, machine
+
 PROVIDERS = ("eager", "inductor", "reference", "reference_inductor", "tomec")
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def _meta(device: str) -> dict[str, Any]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
-    return {
-        "machine": platform.node(), "device": _device_name(device), "cpu": platform.processor(),
-        "torch": torch.__version__, "triton": triton_version, "threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-    }
 
 
 def _timer(device: str) -> Callable[[Callable[[], Any]], float]:
@@ -132,23 +113,26 @@ def peak_memory_mb(fn: Callable[[], Any], device: str) -> Optional[float]:
 
 
 def build_providers(
-    model: torch.nn.Module, method: str, r: int, providers: Sequence[str], **options: Any
+    model: torch.nn.Module, method: str, r: int, providers: Sequence[str], mode: Optional[str] = None,
+    **options: Any,
 ) -> tuple[dict[str, Callable], dict[str, tomec.TomecBackend]]:
-    """Callables for each provider (compiled lazily by torch.compile on their first call)."""
+    """Callables for each provider (compiled lazily by torch.compile on their first call, with
+    ``mode=`` for every compiled one, e.g. ``"reduce-overhead"``: CUDA graphs)."""
     built, backends = {}, {}
     for name in providers:
         if name == "eager":
             built[name] = model
         elif name == "inductor":
-            built[name] = torch.compile(copy.deepcopy(model), fullgraph=True)
+            built[name] = torch.compile(copy.deepcopy(model), fullgraph=True, mode=mode)
         elif name == "reference":
             built[name] = reference.patch(copy.deepcopy(model), method, r=r, **options)
         elif name == "reference_inductor":
             patched = reference.patch(copy.deepcopy(model), method, r=r, **options)
-            built[name] = torch.compile(patched, fullgraph=True)
+            built[name] = torch.compile(patched, fullgraph=True, mode=mode)
         elif name == "tomec":
             backends[name] = tomec.backend(method=method, r=r, **options)
-            built[name] = torch.compile(copy.deepcopy(model), backend=backends[name], fullgraph=True)
+            built[name] = torch.compile(copy.deepcopy(model), backend=backends[name], fullgraph=True,
+                                        mode=mode)
         else:
             raise ValueError(f"unknown provider {name!r}; known: {PROVIDERS}")
     return built, backends
@@ -157,7 +141,7 @@ def build_providers(
 def measure(
     model_name: str, method: str, r: int, batch: int, dtype: torch.dtype, device: str,
     rounds: int = 5, reps: int = 2, inflect: float = -0.5, providers: Sequence[str] = PROVIDERS,
-    **options: Any,
+    mode: Optional[str] = None, **options: Any,
 ) -> list[dict[str, Any]]:
     """One row per provider for one configuration (see the module docstring)."""
     import timm
@@ -167,7 +151,7 @@ def measure(
     side = model.pretrained_cfg["input_size"][-1]
     x = torch.randn(batch, 3, side, side, device=device, dtype=dtype)
     macs = flops_report(model, method=method, r=r, inflect=inflect, **options)
-    fns, _ = build_providers(model, method, r, providers, inflect=inflect, **options)
+    fns, _ = build_providers(model, method, r, providers, mode, inflect=inflect, **options)
     timer = _timer(device)
     compile_s, times, memory = {}, {name: [] for name in fns}, {}
     steps = tqdm(total=len(fns) * 2 + rounds, desc=f"{model_name} {method} r={r} b={batch}", leave=False)
@@ -194,6 +178,7 @@ def measure(
         row = {
             "model": model_name, "method": method, "r": r, "inflect": inflect, "batch": batch,
             "dtype": str(dtype).replace("torch.", ""), "device": device, "provider": name,
+            "mode": mode or "default",
             "images_per_s": batch / medians[name],
             "images_per_s_p20": batch / ts[(4 * len(ts)) // 5],
             "images_per_s_p80": batch / ts[len(ts) // 5],
@@ -224,7 +209,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         mine = [r for r in rows if (r["model"], r["batch"], r["dtype"]) == (model, batch, dtype)]
         for method in sorted({r["method"] for r in mine}):
             pts = sorted((r["r"], r["speedup_vs_inductor"], r["ideal_speedup"]) for r in mine
-                         if r["method"] == method and r["provider"] == "tomec")
+                         if r["method"] == method and r["provider"] == "tomec" and "speedup_vs_inductor" in r)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"tomec {method}")
                 ax.plot([p[0] for p in pts], [p[2] for p in pts], "kx--", alpha=0.5,
@@ -260,20 +245,21 @@ def run(
     models: Sequence[str], methods: Sequence[str], rs: Sequence[int], batches: Sequence[int],
     dtypes: Sequence[str] = ("float32",), device: str = "cpu", rounds: int = 5, reps: int = 2,
     inflect: float = -0.5, threads: Optional[int] = None, providers: Sequence[str] = PROVIDERS,
-    out: Path = RESULTS, tag: Optional[str] = None, fresh_cache: bool = True, **options: Any,
+    out: Path = RESULTS, tag: Optional[str] = None, fresh_cache: bool = True, mode: Optional[str] = None,
+    **options: Any,
 ) -> list[dict[str, Any]]:
     """Measure every combination; write CSV, JSON and the figure; return the rows. ``options``: method
     options and backend settings passed to every merged provider. ``fresh_cache``: compile into an
     empty Inductor cache, so compile times are cold (as a user's first run)."""
     if threads:
         torch.set_num_threads(threads)
-    print(f"tomec bench on {_device_name(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"tomec bench on {device_name(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     rows: list[dict[str, Any]] = []
     cases = [(m, meth, r, b, dt) for m in models for meth in methods for r in rs for b in batches for dt in dtypes]
     with _inductor_cache(fresh_cache):
         for model, method, r, batch, dtype in tqdm(cases, desc="bench"):
             rows += measure(model, method, r, batch, getattr(torch, dtype), device, rounds, reps, inflect,
-                            providers, **options)
+                            providers, mode, **options)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"throughput-{tag or device}"
@@ -282,9 +268,12 @@ def run(
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    meta = {**_meta(device), "inductor_cache": "fresh" if fresh_cache else "as found", "options": options}
+    meta = {**machine(device), "mode": mode, "inductor_cache": "fresh" if fresh_cache else "as found", "options": options}
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-    plot(rows, stem.with_suffix(".png"))
+    try:
+        plot(rows, stem.with_suffix(".png"))
+    except ImportError as e:  # matplotlib is optional where only numbers are wanted (a bare GPU box)
+        print(f"no figure: {e}")
     print(summary(rows))
     print(f"wrote {stem}.csv / .json / .png")
     return rows
@@ -322,6 +311,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--tag", default=None, help="file name tag (default: the device)")
     parser.add_argument("--warm-cache", action="store_true",
@@ -335,7 +325,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     run(split(args.models), split(args.methods), [int(v) for v in split(args.r)],
         [int(v) for v in split(args.batch)], split(args.dtype), args.device, args.rounds, args.reps,
         args.inflect, args.threads, split(args.providers), Path(args.out), args.tag,
-        fresh_cache=not args.warm_cache, **parse_options(args.option))
+        fresh_cache=not args.warm_cache, mode=args.mode, **parse_options(args.option))
 
 
 if __name__ == "__main__":

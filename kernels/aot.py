@@ -61,6 +61,7 @@ class Launch:
     grid: tuple[int, ...]
     args: tuple
     kwargs: dict[str, Any]
+    op: Optional[str] = None  # the torch.ops.tomec op that launched it
 
     @property
     def name(self) -> str:
@@ -95,16 +96,28 @@ class Launch:
 class _Recorder:
     """Stands in for ``wrap_triton``: ``_Recorder(kernel)[grid](*args, **kwargs)`` records."""
 
-    def __init__(self, sink: list[Launch], kernel: Any) -> None:
-        self.sink, self.kernel = sink, kernel
+    def __init__(self, sink: list[Launch], ops: list[str], kernel: Any) -> None:
+        self.sink, self.ops, self.kernel = sink, ops, kernel
 
     def __getitem__(self, grid: Any):
         grid = tuple(int(g) for g in (grid if isinstance(grid, (tuple, list)) else (grid,)))
 
         def launch(*args: Any, **kwargs: Any) -> None:
-            self.sink.append(Launch(self.kernel, grid, args, kwargs))
+            self.sink.append(Launch(self.kernel, grid, args, kwargs, self.ops[-1] if self.ops else None))
 
         return launch
+
+
+def _tagged(name: str, fn: Any, ops: list[str]) -> Any:
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        ops.append(name)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            ops.pop()
+
+    return run
 
 
 def _custom_ops(module: Any) -> list[Any]:
@@ -119,6 +132,7 @@ def record() -> Iterator[list[Launch]]:
     ``torch.ops.tomec.<op>`` calls run the op's launcher on any device (``meta`` included)."""
     load()
     launches: list[Launch] = []
+    running: list[str] = []  # the ops being executed, innermost last
     modules = [importlib.import_module(f"{__package__}.{m}") for m in MODULES]
     namespace = torch.ops.tomec
     saved_wrap = [(m, m.wrap_triton) for m in modules]
@@ -126,9 +140,9 @@ def record() -> Iterator[list[Launch]]:
     saved_ops = [(op._name, getattr(namespace, op._name)) for op in ops]
     try:
         for m in modules:
-            m.wrap_triton = functools.partial(_Recorder, launches)
+            m.wrap_triton = functools.partial(_Recorder, launches, running)
         for op in ops:
-            setattr(namespace, op._name, op._init_fn)
+            setattr(namespace, op._name, _tagged(op._name, op._init_fn, running))
         yield launches
     finally:
         for m, wrap in saved_wrap:
@@ -254,7 +268,7 @@ def compile_for(spec: Specialization, cc: int) -> Compiled:
         src = ASTSource(spec.kernel, spec.signature, spec.constexprs, spec.attrs)
         compiled = triton.compile(src, target=_target(cc), options=spec.options)
     except Exception as e:  # Triton's CompilationError, ptxas errors: reported, not raised
-        result.error = f"{type(e).__name__}: {_last_lines(str(e))}"
+        result.error = f"{type(e).__name__}: {error_summary(str(e))}"
         result.seconds = time.perf_counter() - start
         return result
     result.seconds = time.perf_counter() - start
@@ -267,7 +281,8 @@ def compile_for(spec: Specialization, cc: int) -> Compiled:
     return result
 
 
-def _last_lines(text: str, n: int = 6) -> str:
+def error_summary(text: str, n: int = 6) -> str:
+    """The last ``n`` non-empty lines of a compiler error, on one line."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return " | ".join(lines[-n:])
 

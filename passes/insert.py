@@ -9,12 +9,11 @@ import operator
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from torch.fx import GraphModule, Node
 
 from tomec import ops
 from tomec.config import TomecConfig
-from tomec.errors import UnsupportedModelError
+from tomec.errors import ConfigError, UnsupportedModelError
 from tomec.methods import merge_step
 
 from . import graph_utils as gu
@@ -41,9 +40,18 @@ class Inserted:
 _ATTENTION = {"manual": ops.attention, "extra_dim": ops.attention_extra_dim, "flex": ops.attention_flex}
 
 
-def _impl_for(device_type: str) -> str:
-    """Triton kernels for CUDA graphs (when they load), plain PyTorch for Inductor on CPU."""
-    return ops.resolve_impl("auto", torch.device(device_type))
+def _impl_for(config: TomecConfig, device_type: str) -> str:
+    """The ``impl=`` of the inserted ops: plain PyTorch for Inductor on CPU; on CUDA the config's
+    (``"auto"``: each op takes its Triton kernel unless Triton is missing or the kernel failed to
+    compile for the device, see tomec.kernel_check)."""
+    if device_type == "cuda" or config.impl == "torch":
+        return config.impl
+    if config.impl == "triton":
+        raise ConfigError(
+            f"impl='triton' runs tomec's Triton kernels on CUDA tensors; this graph's tensors are on "
+            f"{device_type} (use impl='auto' or 'torch')"
+        )
+    return "torch"
 
 
 def _prop_attn_impl(config: TomecConfig, device_type: str) -> str:
@@ -92,7 +100,7 @@ def insert_merges(gm: GraphModule, plan: Plan, config: TomecConfig, device_type:
     """Rewrite ``gm`` in place following ``plan``; returns the final size/source nodes."""
     graph = gm.graph
     method = config.method_spec
-    impl = _impl_for(device_type)
+    impl = _impl_for(config, device_type)
     attn_impl = _prop_attn_impl(config, device_type)
     state = Inserted(attention_impl=attn_impl)
     bias: Optional[Node] = None

@@ -123,3 +123,121 @@ def test_training_step_gpu(method):
     for name, grad in grads[0].items():
         expect = grads[1][name]
         assert (grad - expect).abs().max() <= 1e-3 * expect.abs().max() + 1e-6, name
+
+
+@pytest.mark.parametrize("impl", ["mask", "manual", "extra_dim", "flex"])
+def test_prop_attn_impls_bf16_follow_the_rule(impl):
+    """Each way of giving SDPA log(size), in bf16, against the manual form in fp64: at most twice the
+    error of the manual form in bf16 (the rule), and never NaN (cuDNN and an fp32 mask, reported)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(4, 6, 150, 64, device="cuda", generator=g) for _ in range(3))
+    size = torch.randint(1, 6, (4, 150, 1), device="cuda", generator=g).float()
+    exact = ops.attention(q.double(), k.double(), v.double(), ops.log_size_bias(size.double(), torch.float64))
+    low = [t.bfloat16() for t in (q, k, v)]
+    bias = ops.log_size_bias(size, torch.bfloat16)
+    assert bias.dtype == torch.bfloat16 and bias.shape == (4, 1, 1, 150)
+    plain = ops.attention(*low, bias)
+    forms = {
+        "mask": lambda: torch.nn.functional.scaled_dot_product_attention(*low, attn_mask=bias),
+        "manual": lambda: ops.attention(*low, bias),
+        "extra_dim": lambda: ops.attention_extra_dim(*low, bias),
+        "flex": lambda: torch.compile(ops.attention_flex)(*low, bias),
+    }
+    out = forms[impl]()
+    assert not out.isnan().any()
+    err, err_plain = (out.double() - exact).abs().max(), (plain.double() - exact).abs().max()
+    assert err <= 2 * err_plain + FLOOR[torch.bfloat16] * exact.abs().max()
+
+
+def test_sdpa_mask_on_every_backend_bf16():
+    """The [B, 1, 1, N] bf16 mask on each SDPA backend that accepts it (cuDNN included)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(8, 12, 197, 64, device="cuda", generator=g).bfloat16() for _ in range(3))
+    bias = ops.log_size_bias(torch.randint(1, 4, (8, 197, 1), device="cuda", generator=g).float(), q.dtype)
+    expect = ops.attention(q.double(), k.double(), v.double(), bias.double())
+    tried = []
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+        try:
+            with sdpa_kernel([backend]):
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        except RuntimeError:  # this backend does not take such a mask here
+            continue
+        tried.append(backend)
+        assert not out.isnan().any(), backend
+        assert (out.double() - expect).abs().max() <= 2e-2 * expect.abs().max(), backend
+    assert SDPBackend.MATH in tried
+
+
+@pytest.mark.parametrize("impl", ["mask", "manual", "extra_dim", "flex"])
+def test_model_prop_attn_impls_bf16(impl):
+    model = make_model("deit_tiny_patch16_224").cuda()
+    x = images("deit_tiny_patch16_224", 8).cuda()
+    ref32 = reference_of(model, method="tome", r=80)
+    ref_low = reference_of(model, method="tome", r=80).to(torch.bfloat16)
+    compiled, _ = compile_tomec(model.to(torch.bfloat16), r=80, prop_attn_impl=impl)
+    with torch.no_grad():
+        exact, plain = ref32(x).double(), ref_low(x.bfloat16()).double()
+        fast = compiled(x.bfloat16()).double()
+    assert not fast.isnan().any()
+    err_fast, err_plain = (fast - exact).abs().max(), (plain - exact).abs().max()
+    assert err_fast <= 2 * err_plain + FLOOR[torch.bfloat16] * exact.abs().max()
+
+
+@pytest.mark.parametrize("method", [m for m in tomec.methods.available() if m != "dct"])
+def test_every_kernel_compiles_on_this_gpu(method):
+    """The device's own compiler (JITFunction.warmup) on every launch of the method's block steps at
+    DeiT-S and ViT-L shapes, bf16 and fp32: what tests/test_kernels_aot.py checks ahead of time."""
+    from tomec.bench.aot import Shape, step_launches
+    from tomec.kernel_check import compile_on_device
+
+    for shape in (Shape("deit_s", 384, 6, 197, 2, torch.bfloat16), Shape("vit_l", 1024, 16, 577, 1, torch.float32)):
+        for launches in step_launches(method, shape):
+            for launch in launches:
+                assert compile_on_device(launch, torch.device("cuda")) is None, (launch.name, shape)
+
+
+def test_the_backend_checks_kernels_and_nothing_falls_back():
+    from tomec.ops.common import broken_ops
+
+    model = make_model("deit_tiny_patch16_224").cuda().half()
+    compiled, _ = compile_tomec(model, method="pitome", r=80, trace_source=True)
+    with torch.no_grad():
+        compiled(images("deit_tiny_patch16_224", 2).cuda().half())
+    assert broken_ops() == {}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_atc_kernel_gpu(dtype):
+    g = torch.Generator().manual_seed(3)
+    metric = torch.randint(-3, 4, (4, 197, 64), generator=g).to("cuda", dtype)
+    for r in (1, 40, 150):
+        fast = ops.atc_match(metric, r, 1, impl="triton")
+        assert torch.equal(fast, ops.atc_match(metric, r, 1, impl="torch"))
+
+
+@pytest.mark.parametrize("n", [197, 577])
+def test_crossget_kernel_gpu(n):
+    g = torch.Generator().manual_seed(n)
+    keys = torch.randint(-3, 4, (4, 6, n, 64), generator=g).float().cuda()
+    q = torch.randn(4, 6, n, 64, generator=g).cuda()
+    for r in (1, n // 4):
+        fast = ops.crossget_match(keys, q, r, 1, impl="triton")
+        slow = ops.crossget_match(keys, q, r, 1, impl="torch")
+        assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [197, 577])
+def test_attention_received_kernel_gpu(n, dtype):
+    g = torch.Generator().manual_seed(n)
+    q, k = (torch.randn(4, 12, n, 64, generator=g).cuda() for _ in range(2))
+    size = torch.randint(1, 6, (4, n, 1), generator=g).float().cuda()
+    exact = ops.attention_received(q.double(), k.double(), size.double())
+    plain = ops.attention_received(q.to(dtype), k.to(dtype), size.to(dtype))
+    fast = ops.attention_received(q.to(dtype), k.to(dtype), size.to(dtype), impl="triton")
+    err_fast, err_plain = (fast.double() - exact).abs().max(), (plain.double() - exact).abs().max()
+    assert err_fast <= 2 * err_plain + FLOOR[dtype] * exact.abs().max()
+    again = ops.attention_received(q.to(dtype), k.to(dtype), size.to(dtype), impl="triton")
+    assert torch.equal(fast, again)

@@ -76,7 +76,7 @@ def test_pass_inserts_triton_ops_on_cuda_and_torch_ops_on_cpu(device):
     if device == "cuda":
         inputs, mode = _to_fake_cuda(gm, inputs)
     result = rewrite(gm, inputs, config)
-    impl = "triton" if device == "cuda" else "torch"
+    impl = "auto" if device == "cuda" else "torch"  # "auto": each op's kernel, unless it failed to compile
     assert _inserted(result.gm) == {impl}
     # what Inductor would receive: the ATen-level graph holds the tomec Triton ops only on CUDA
     if device == "cuda":
@@ -126,3 +126,130 @@ def test_other_methods_reach_their_kernels_on_cuda(method, op):
     with mode:
         aten = make_fx(result.gm)(*inputs)
     assert op in {str(n.target) for n in aten.graph.nodes if n.op == "call_function"}
+
+
+@pytest.fixture
+def fresh_kernel_checks(monkeypatch):
+    """No op marked broken and no compile cached by an earlier test."""
+    from tomec import kernel_check
+
+    monkeypatch.setattr(ops.common, "_broken_ops", {})
+    monkeypatch.setattr(kernel_check, "_checked", {})
+    return kernel_check
+
+
+def _aten_targets(gm, inputs, mode):
+    with mode:
+        aten = make_fx(gm)(*inputs)
+    return {str(n.target) for n in aten.graph.nodes if n.op == "call_function"}
+
+
+def _cuda_graph(config):
+    gm, inputs = trace(make_model("test_vit"), images("test_vit", 2))
+    inputs, mode = _to_fake_cuda(gm, inputs)
+    return rewrite(gm, inputs, config).gm, inputs, mode
+
+
+def test_a_kernel_that_does_not_compile_falls_back_to_its_plain_op(fresh_kernel_checks):
+    kernel_check = fresh_kernel_checks
+    seen = []
+
+    def compile_launch(launch, device):  # the matching kernel fails for this device, the rest compile
+        seen.append((launch.name, launch.op))
+        return "CompilationError: made to fail" if launch.op == "tome_match" else None
+
+    config = TomecConfig(r=30, trace_source=True, compiler="eager")
+    gm, inputs, mode = _cuda_graph(config)
+    with pytest.warns(UserWarning, match=r"tome_match.*does not compile.*made to fail.*plain-PyTorch"):
+        failed = kernel_check.check_graph(gm, "auto", compile_launch)
+    assert set(failed) == {"tome_match"}
+    assert {op for _, op in seen} == {"tome_match", "merge", "compose_source"}
+    targets = _aten_targets(gm, inputs, mode)
+    assert "tomec.tome_match.default" not in targets  # the plain PyTorch matching instead
+    assert {"tomec.merge.default", "tomec.compose_source.default"} <= targets
+    # a second graph of the same shapes: every configuration from the cache, no second warning
+    gm2, _, _ = _cuda_graph(config)
+    compiled = len(seen)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernel_check.check_graph(gm2, "auto", compile_launch)
+    assert len(seen) == compiled
+
+
+def test_impl_triton_raises_the_compile_error(fresh_kernel_checks):
+    kernel_check = fresh_kernel_checks
+    gm, _, _ = _cuda_graph(TomecConfig(r=30, compiler="eager", impl="triton"))
+    fail = lambda launch, device: "PTXASError: made to fail" if launch.name == "_merge_kernel" else None  # noqa: E731
+    with pytest.raises(tomec.KernelCompileError, match=r"_merge_kernel \(torch.ops.tomec.merge\).*made to fail"):
+        kernel_check.check_graph(gm, "triton", fail)
+
+
+def test_backend_checks_cuda_graphs_before_compiling(fresh_kernel_checks, monkeypatch):
+    """Through the backend: the check runs on a CUDA graph, and the fallback reaches the graph."""
+    kernel_check = fresh_kernel_checks
+    calls = []
+
+    def compile_on_device(launch, device):
+        calls.append(launch.op)
+        return "CompilationError: made to fail" if launch.op == "tome_match" else None
+
+    monkeypatch.setattr(kernel_check, "compile_on_device", compile_on_device)
+    gm, inputs = trace(make_model("test_vit"), images("test_vit", 2))
+    inputs, mode = _to_fake_cuda(gm, inputs)
+    be = tomec.backend(r=30, compiler="eager")
+    with pytest.warns(UserWarning, match="does not compile"):
+        be(gm, inputs)
+    assert "tome_match" in calls and ops.common.broken_ops().keys() == {"tome_match"}
+    assert ops.resolve_impl("auto", torch.device("cuda"), "tome_match") == "torch"
+    assert ops.resolve_impl("auto", torch.device("cuda"), "merge") == "triton"
+    # CPU graphs are not checked
+    calls.clear()
+    gm, inputs = trace(make_model("test_vit"), images("test_vit", 2))
+    tomec.backend(r=30, compiler="eager")(gm, inputs)
+    assert calls == []
+
+
+def test_impl_triton_on_a_cpu_graph_is_an_error():
+    gm, inputs = trace(make_model("test_vit"), images("test_vit", 2))
+    with pytest.raises(tomec.ConfigError, match="impl='triton'.*CUDA tensors.*cpu"):
+        rewrite(gm, inputs, TomecConfig(r=30, compiler="eager", impl="triton"))
+
+
+@pytest.mark.slow
+def test_kernel_check_compiles_every_kernel_of_a_graph_for_sm90(fresh_kernel_checks):
+    """The check with Triton's real compiler (ahead of time for sm_90, as tests/test_kernels_aot.py):
+    every kernel of a ToMe graph with source tracing compiles; nothing falls back."""
+    from tomec.kernels import aot
+
+    kernel_check = fresh_kernel_checks
+    compiled = []
+
+    def compile_launch(launch, device):
+        result = aot.compile_for(aot.specialize(launch, 90), 90)
+        compiled.append(result)
+        return result.error or (result.problems[0] if result.problems else None)
+
+    gm, _, _ = _cuda_graph(TomecConfig(method="pitome", r=30, trace_source=True, compiler="eager"))
+    assert kernel_check.check_graph(gm, "auto", compile_launch) == {}
+    assert compiled and all(c.registers > 0 for c in compiled)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["tome", "mctf"])
+def test_sdpa_masks_are_in_the_query_dtype_and_shape(dtype, method):
+    """cuDNN's SDPA (preferred on sm_90) has been reported to misread an fp32 additive mask beside
+    fp16/bf16 queries: every mask tomec gives SDPA on CUDA is [B, 1, 1, N] in the query's dtype."""
+    model = make_model("test_vit").to(dtype)
+    gm, inputs = trace(model, images("test_vit", 2).to(dtype))
+    inputs, _ = _to_fake_cuda(gm, inputs)
+    result = rewrite(gm, inputs, TomecConfig(method=method, r=30, compiler="eager"))
+    masked = [n for n in result.gm.graph.nodes
+              if "scaled_dot_product" in str(n.target) and n.kwargs.get("attn_mask") is not None]
+    assert len(masked) == 5  # every block after the first merge
+    for node in masked:
+        q = node.args[0].meta["val"]
+        mask = node.kwargs["attn_mask"].meta["val"]
+        assert mask.dtype == q.dtype == dtype and mask.device.type == "cuda"
+        assert mask.shape == (q.shape[0], 1, 1, node.args[1].meta["val"].shape[2])

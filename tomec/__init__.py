@@ -3,11 +3,21 @@
     fast = torch.compile(model, backend=tomec.backend(method="tome", r=100))
 """
 
-from . import methods, ops, schedule
-from .api import TomecBackend, backend
-from .config import TomecConfig
-from .errors import (
+from pathlib import Path as _Path
+
+# Run from a source checkout without installing (PYTHONPATH=<checkout>, as `make gpu` does on a bare
+# GPU machine): the distribution maps the checkout's kernels/, passes/ and bench/ folders to
+# tomec.kernels, tomec.passes and tomec.bench; looking up subpackages in the checkout too does the same.
+_checkout = _Path(__file__).resolve().parent.parent
+if (_checkout / "pyproject.toml").is_file() and (_checkout / "kernels" / "__init__.py").is_file():
+    __path__.append(str(_checkout))  # noqa: F821 (the package's own __path__)
+
+from . import methods, ops, schedule  # noqa: E402
+from .api import TomecBackend, backend  # noqa: E402
+from .config import TomecConfig  # noqa: E402
+from .errors import (  # noqa: E402
     ConfigError,
+    KernelCompileError,
     ScheduleError,
     TomecError,
     UnsupportedDtypeError,
@@ -25,6 +35,7 @@ __all__ = [
     "schedule",
     "TomecError",
     "ConfigError",
+    "KernelCompileError",
     "ScheduleError",
     "UnsupportedModelError",
     "UnsupportedDtypeError",

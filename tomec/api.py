@@ -78,6 +78,9 @@ class TomecBackend:
             self.schedule = list(result.plan.schedule)
             self.protected = result.plan.protected
             self.tokens_per_block = result.tokens_per_block
+            from .kernel_check import check_graph
+
+            check_graph(result.gm, self.config.impl)  # CUDA graphs only: each kernel compiles there
         if self.config.compiler == "eager":
             compiled = result.gm.forward
         else:
@@ -120,6 +123,7 @@ def backend(
     compiler: str = "inductor",
     strict: bool = True,
     prop_attn_impl: str = "auto",
+    impl: str = "auto",
     **method_options: Any,
 ) -> TomecBackend:
     """A token-merging backend for ``torch.compile``.
@@ -137,7 +141,11 @@ def backend(
         compiler: ``"inductor"``, or ``"eager"`` to run the rewritten graph without compiling it.
         strict: a graph without attention blocks is an error (``False``: compiled unchanged, with a
             warning).
-        prop_attn_impl: ``"auto"``, ``"mask"`` (SDPA float mask) or ``"manual"`` (explicit chain).
+        prop_attn_impl: ``"auto"``, ``"mask"`` (SDPA float mask), ``"manual"`` (explicit chain),
+            ``"extra_dim"`` or ``"flex"``.
+        impl: ``"auto"`` (CUDA graphs get the Triton kernels, each checked to compile for the device
+            first; one that does not falls back to its plain-PyTorch op with a warning),
+            ``"triton"`` (the kernels or an error) or ``"torch"`` (plain PyTorch everywhere).
         **method_options: options of the chosen method (unknown names are an error).
 
     Returns:
@@ -148,7 +156,7 @@ def backend(
         TomecConfig(
             method=method, r=r, inflect=inflect, schedule=schedule, prop_attn=prop_attn,
             protect=protect, trace_source=trace_source, compiler=compiler, strict=strict,
-            prop_attn_impl=prop_attn_impl, method_options=method_options,
+            prop_attn_impl=prop_attn_impl, impl=impl, method_options=method_options,
         )
     )
 

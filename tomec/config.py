@@ -8,6 +8,7 @@ from typing import Any, Mapping, Optional, Union
 
 from . import methods, schedule as schedules
 from .errors import ConfigError
+from .ops.common import IMPLS
 
 __all__ = ["TomecConfig", "COMPILERS", "PROP_ATTN_IMPLS"]
 
@@ -29,6 +30,7 @@ class TomecConfig:
     schedule: Optional[schedules.ScheduleSpec] = None
     prop_attn: bool = True
     prop_attn_impl: str = "auto"
+    impl: str = "auto"
     protect: Union[str, int] = "auto"
     trace_source: bool = False
     compiler: str = "inductor"
@@ -62,6 +64,8 @@ class TomecConfig:
             raise ConfigError(f"method {spec.name!r} does not support source tracking")
         if self.compiler not in COMPILERS:
             raise ConfigError(f"compiler={self.compiler!r}; choose one of {COMPILERS}")
+        if self.impl not in IMPLS:
+            raise ConfigError(f"impl={self.impl!r}; choose one of {IMPLS}")
         if self.prop_attn_impl not in PROP_ATTN_IMPLS:
             raise ConfigError(f"prop_attn_impl={self.prop_attn_impl!r}; choose one of {PROP_ATTN_IMPLS}")
         if self.protect != "auto" and (

@@ -19,3 +19,7 @@ class UnsupportedModelError(TomecError):
 
 class UnsupportedDtypeError(TomecError, TypeError):
     """Activations in a dtype tomec has no ops for."""
+
+
+class KernelCompileError(TomecError, RuntimeError):
+    """A Triton kernel tomec would launch does not compile for the device (``impl="triton"``)."""

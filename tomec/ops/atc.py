@@ -102,7 +102,7 @@ def atc_match(metric: Tensor, r: int, protected: int = 0, *, impl: str = "torch"
     check_dtype(metric.dtype, "the merge metric")
     if metric.dim() not in (3, 4):
         raise ConfigError(f"metric must be [B, N, d] or keys [B, H, N, d], got {list(metric.shape)}")
-    use_triton = resolve_impl(impl, metric.device) == "triton"
+    use_triton = resolve_impl(impl, metric.device, "atc_cluster_triton") == "triton"
     if metric.dim() == 4:
         metric = key_metric(metric)
     batch, n, _ = metric.shape

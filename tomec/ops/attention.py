@@ -14,15 +14,18 @@ from .common import check_dtype, register_vjp_autograd, resolve_impl
 
 
 def log_size_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
-    """Proportional attention bias ``log(size)`` on the key axis: ``[B, N, 1] -> [B, 1, 1, N]``."""
+    """Proportional attention bias ``log(size)`` on the key axis: ``[B, N, 1] -> [B, 1, 1, N]``, in
+    ``dtype`` (give the query's: SDPA masks are built in the query's dtype)."""
     return size.log().to(dtype).squeeze(-1)[:, None, None, :]
 
 
 def combine_masks(mask: Tensor, bias: Tensor) -> Tensor:
-    """An existing SDPA ``attn_mask`` (bool: True attends; or additive) plus the ``log(size)`` bias."""
+    """An existing SDPA ``attn_mask`` (bool: True attends; or additive) plus the ``log(size)`` bias,
+    in the bias's dtype (the query's: cuDNN's SDPA has been reported to misread an fp32 mask beside
+    fp16/bf16 queries)."""
     if mask.dtype == torch.bool:
         return bias.masked_fill(~mask, float("-inf"))
-    return mask + bias
+    return (mask + bias).to(bias.dtype)
 
 
 def attention(
@@ -106,7 +109,7 @@ def attention_received(
         scale = q.shape[-1] ** -0.5
     bias = size if (prop_attn and size is not None) else None
     # fp64 stays on the PyTorch path: the kernel accumulates in fp32
-    if resolve_impl(impl, q.device) == "triton" and q.dtype != torch.float64:
+    if resolve_impl(impl, q.device, "attention_received") == "triton" and q.dtype != torch.float64:
         register_vjp_autograd("tomec::attention_received", _attention_received, differentiable=(0, 1, 2))
         return torch.ops.tomec.attention_received(q, k, bias, float(scale))
     return _attention_received(q, k, bias, scale)

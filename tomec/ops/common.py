@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from tomec.errors import ConfigError, UnsupportedDtypeError
+from tomec.errors import ConfigError, KernelCompileError, UnsupportedDtypeError
 
 log = logging.getLogger("tomec")
 
@@ -27,13 +28,39 @@ def check_dtype(dtype: torch.dtype, where: str = "activations") -> None:
 
 
 _warned_fallback = False
+# Triton ops whose kernel did not compile for a device here (tomec.kernel_check): op -> why.
+_broken_ops: dict[str, str] = {}
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """``"torch"`` or ``"triton"`` for tensors on ``device``.
+def mark_broken(op: str, reason: str) -> None:
+    """Record that the Triton op ``op`` (``"tome_match"``, ...) cannot run here: ``impl="auto"``
+    takes the plain-PyTorch op for it from now on, ``impl="triton"`` raises ``reason``."""
+    _broken_ops[op] = reason
+
+
+def broken_ops() -> dict[str, str]:
+    """The Triton ops marked as not compiling here, with the reason."""
+    return dict(_broken_ops)
+
+
+@contextlib.contextmanager
+def ignoring_broken_ops() -> Iterator[None]:
+    """Within the context, ops marked broken resolve as if they were not (to record their launches)."""
+    saved = dict(_broken_ops)
+    _broken_ops.clear()
+    try:
+        yield
+    finally:
+        _broken_ops.update(saved)
+
+
+def resolve_impl(impl: str, device: torch.device, op: Optional[str] = None) -> str:
+    """``"torch"`` or ``"triton"`` for tensors on ``device`` (for the Triton op ``op``, if named).
 
     ``"auto"`` takes Triton for CUDA tensors when the kernels load, else PyTorch (with a one-time
-    warning when CUDA tensors fall back). ``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1``.
+    warning when CUDA tensors fall back); an op whose kernel failed to compile here
+    (:func:`mark_broken`) takes PyTorch. ``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1``;
+    for a broken op it raises :class:`~tomec.errors.KernelCompileError`.
     """
     global _warned_fallback
     if impl not in IMPLS:
@@ -43,6 +70,10 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     from tomec import kernels
 
     reason = kernels.unavailable_reason()
+    if op is not None and op in _broken_ops:
+        if impl == "triton":
+            raise KernelCompileError(_broken_ops[op])
+        return "torch"
     if impl == "auto":
         if device.type != "cuda":
             return "torch"

@@ -97,7 +97,7 @@ def crossget_match(
     check_dtype(query.dtype, "the queries")
     dtype = metric.dtype if x is None else x.dtype
     device = metric.device
-    use_triton = resolve_impl(impl, device) == "triton"
+    use_triton = resolve_impl(impl, device, "crossget_rowmax") == "triton"
 
     sizes = torch.ones(batch, n, 1, device=device, dtype=dtype) if size is None else size
     if r == 0:  # every group a single token: the weights cancel

@@ -66,7 +66,7 @@ def bipartite_match(
         ``dest``: ``[B, N]`` int64 in ``[0, N - r)`` (or ``-1``).
     """
     batch, n = _check_metric(metric, r, protected)
-    if resolve_impl(impl, metric.device) == "triton":
+    if resolve_impl(impl, metric.device, "tome_match") == "triton":
         return torch.ops.tomec.tome_match(metric, r, protected, drop_sources)
     device = metric.device
     metric = _scoring_metric(metric)
@@ -133,7 +133,7 @@ def pitome_match(
     device = metric.device
     if r == 0:
         return torch.arange(n, device=device).expand(batch, n)
-    if resolve_impl(impl, device) == "triton":
+    if resolve_impl(impl, device, "pitome_match") == "triton":
         return torch.ops.tomec.pitome_match(metric, r, protected, float(margin), bool(bsm))
     m = _scoring_metric(metric)[:, protected:]
     t = n - protected

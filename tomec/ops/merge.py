@@ -52,7 +52,7 @@ def merge(
             f"cannot merge {n} tokens into {n_out} slots with {n_dropped} dropped "
             f"(needs 1 <= n_out <= N - n_dropped)"
         )
-    if resolve_impl(impl, x.device) == "triton":
+    if resolve_impl(impl, x.device, "merge") == "triton":
         _register_merge_autograd()
         return torch.ops.tomec.merge(x, size, dest, n_out, w, MERGE_MODES.index(mode))
     if size is None:
@@ -134,7 +134,7 @@ def compose_source(source: Optional[Tensor], dest: Tensor, *, impl: str = "torch
     """
     if source is None:
         return dest
-    if resolve_impl(impl, dest.device) == "triton":
+    if resolve_impl(impl, dest.device, "compose_source") == "triton":
         return torch.ops.tomec.compose_source(source, dest)
     return torch.where(source >= 0, dest.gather(1, source.clamp_min(0)), -1)
 
