@@ -4,6 +4,11 @@ The destination maps must be equal: on small-integer inputs every dot product is
 implementations and ties are plentiful (the tie rules are what is tested); on random inputs the
 two sides share the formula and the roundings of everything but the dot products' summation order.
 Outputs are poisoned before each launch and checked as fully written.
+
+The kernel cuts the tokens into square tiles (16 or 32) and computes each pair of tiles once, both
+ways, into per-column-tile partials combined in column order: the tiled tests below span several
+row tiles and column tiles (odd and even tile counts), with ties across tiles, protected tokens
+beyond the first tile, rows with no allowed column, and a determinism check.
 """
 
 from __future__ import annotations
@@ -116,6 +121,103 @@ def test_rowmax_kernel_poisoned_and_equal(n, d, protected, dtype, integer):
             assert torch.equal(best, want_best), mode
         else:
             torch.testing.assert_close(best, want_best, rtol=1e-6, atol=1e-6)
+
+
+def launch(metric, inv, row_key, col_key, protected, block):
+    batch, n = metric.shape[:2]
+    best = torch.full((batch, n), float("nan"))  # poison
+    arg = torch.full((batch, n), -7, dtype=torch.int64)
+    launch_crossget_rowmax(metric, inv, row_key, col_key, protected, best, arg, block=block)
+    assert not best.isnan().any() and (arg != -7).all(), "entries left unwritten"
+    return best, arg
+
+
+def tiled_modes(batch, n, seed):
+    """The three CrossGET key modes, plus keys that allow no column at all (``-inf``, index 0)."""
+    modes = key_modes(batch, n, seed)
+    zero = torch.zeros(batch, n, dtype=torch.int64)
+    modes["none"] = (zero, zero)
+    return modes
+
+
+def repeated_tokens(batch, n, d, dtype, seed):
+    """Small-integer tokens (exact dots) with copies, and copies scaled by 2, in later tiles: a row's
+    maximum is tied in several column tiles, and the lowest column must win."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(-2, 3, (batch, n, d), generator=g).float()
+    src = torch.arange(n)
+    src[16:32] = torch.arange(16)  # tile 1 repeats tile 0 (tiles of 16)
+    src[40:n] = torch.arange(5, 5 + n - 40)  # spans tiles 2 and 3 (and 4)
+    scale = torch.ones(n, 1)
+    scale[48:] = 2.0  # the same cosine, exactly
+    return (base[:, src] * scale).to(dtype)
+
+
+# (N, d, protected, dtype) at tiles of 16: 4 tiles (even count: the half round of pairs) and 5 (odd);
+# 17 protected tokens cover the whole first tile
+TILED = [(50, 24, 0, torch.float32), (50, 80, 17, torch.float16), (70, 16, 3, torch.float32)]
+
+
+@pytest.mark.parametrize("n,d,protected,dtype", TILED)
+def test_rowmax_tiled_ties_across_tiles(n, d, protected, dtype):
+    batch = 2
+    metric = repeated_tokens(batch, n, d, dtype, seed=n + d)
+    inv = inv_norm(metric.float())
+    for mode, (row_key, col_key) in tiled_modes(batch, n, seed=n + 1).items():
+        best, arg = launch(metric, inv, row_key, col_key, protected, block=16)
+        want_best, want_arg = reference_rowmax(metric, row_key, col_key, protected)
+        assert torch.equal(arg, want_arg), mode
+        assert torch.equal(best, want_best), mode
+        if mode == "none":
+            assert (best == float("-inf")).all() and (arg == 0).all()
+        blocked = best == float("-inf")
+        assert blocked[:, :protected].all() and (arg[blocked] == 0).all(), mode
+
+
+def test_rowmax_tiled_all_tied():
+    # every similarity 1: each row's first allowed column, whichever tile it lies in
+    n, protected = 45, 2
+    metric = torch.ones(1, n, 16)
+    inv = inv_norm(metric)
+    for mode, (row_key, col_key) in tiled_modes(1, n, seed=3).items():
+        got = launch(metric, inv, row_key, col_key, protected, block=16)
+        want = reference_rowmax(metric, row_key, col_key, protected)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), mode
+
+
+def test_rowmax_tiled_deterministic_and_symmetric():
+    # random fp32 (dots rounded): the same bits on every run; a mutual best pair ties exactly (each
+    # pair's dot is computed once); exact integer inputs give the same bits with tiles of 16 and 32
+    batch, n, d = 2, 70, 40
+    g = torch.Generator().manual_seed(11)
+    metric = torch.randn(batch, n, d, generator=g)
+    inv = inv_norm(metric)
+    row_key, col_key = key_modes(batch, n, seed=5)["all"]
+    first = launch(metric, inv, row_key, col_key, 1, block=16)
+    again = launch(metric, inv, row_key, col_key, 1, block=16)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    best, arg = first
+    mutual = arg.gather(1, arg) == torch.arange(n)
+    mutual[:, :1] = False
+    assert mutual.any()
+    assert torch.equal(best[mutual], best.gather(1, arg)[mutual])
+    want_best, want_arg = reference_rowmax(metric, row_key, col_key, 1)
+    assert torch.equal(arg, want_arg)
+    torch.testing.assert_close(best, want_best, rtol=1e-6, atol=1e-6)
+    exact = repeated_tokens(batch, n, d, torch.float32, seed=2)
+    inv = inv_norm(exact)
+    row_key, col_key = key_modes(batch, n, seed=6)["later"]
+    small = launch(exact, inv, row_key, col_key, 3, block=16)
+    large = launch(exact, inv, row_key, col_key, 3, block=32)
+    assert torch.equal(small[0], large[0]) and torch.equal(small[1], large[1])
+
+
+def test_rowmax_block_checked():
+    metric = torch.ones(1, 8, 16)
+    zero = torch.zeros(1, 8, dtype=torch.int64)
+    with pytest.raises(ValueError, match="block"):
+        launch_crossget_rowmax(metric, inv_norm(metric), zero, zero, 0, torch.empty(1, 8),
+                               torch.empty(1, 8, dtype=torch.int64), block=64)
 
 
 def test_rowmax_kernel_strided_metric():

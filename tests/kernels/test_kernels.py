@@ -17,9 +17,9 @@ import torch
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("kernel tests need TRITON_INTERPRET=1 (run by `make test`)", allow_module_level=True)
 
-from tomec.kernels.match import launch_tome_match  # noqa: E402
+from tomec.kernels.match import TomePlan, launch_tome_match, plan_tome, run_tome_match  # noqa: E402
 from tomec.kernels.merge import MODES, launch_compose_source, launch_merge  # noqa: E402
-from tomec.kernels.pitome import launch_pitome_match  # noqa: E402
+from tomec.kernels.pitome import PitomePlan, launch_pitome_match, plan_pitome, run_pitome_match  # noqa: E402
 from tests.helpers import random_map  # noqa: E402
 from tomec import ops  # noqa: E402
 
@@ -133,6 +133,103 @@ def test_match_kernel_strided_input():
     assert torch.equal(dest, ops.bipartite_match(metric.contiguous(), 12, 1))
 
 
+# Explicit plans at small N: A tiles of 16 and 32, B chunks of one to three tiles (the last one
+# partial), and the per-image plan over several tiles, so every tile and chunk boundary is crossed.
+TOME_PLANS = [
+    TomePlan(False, 16, 16, 16), TomePlan(False, 16, 32, 32), TomePlan(False, 32, 16, 48),
+    TomePlan(True, 16, 16), TomePlan(True, 32, 32),
+]
+
+
+@pytest.mark.parametrize("plan", TOME_PLANS, ids=str)
+@pytest.mark.parametrize("n,protected", [(70, 1), (71, 5)])
+def test_match_kernel_tiles_and_chunks(plan, n, protected):
+    metric = integer_metric(2, n, 32, torch.float32, seed=n + protected).unsqueeze(1)
+    for r in match_rs(n, protected):
+        for drop in (False, True) if r == (n - protected) // 2 else (False,):
+            dest = torch.full((2, n), -7, dtype=torch.int64)
+            run_tome_match(metric, r, protected, dest, drop, plan)
+            assert torch.equal(dest, ops.bipartite_match(metric, r, protected, drop_sources=drop)), (r, drop)
+
+
+def test_match_kernel_chunks_keep_the_first_maximum():
+    # every score ties (identical rows): each partner is the first allowed B token, whichever chunk;
+    # two-valued rows tie within and across chunks as well
+    g = torch.Generator().manual_seed(0)
+    for metric in (torch.ones(2, 1, 70, 32), torch.randint(0, 2, (2, 1, 70, 16), generator=g).float() * 2 - 1):
+        for plan in (TomePlan(False, 16, 16, 16), TomePlan(True, 16, 16)):
+            for protected, r in ((0, 20), (3, 33), (1, 0)):
+                dest = torch.full((2, 70), -7, dtype=torch.int64)
+                run_tome_match(metric, r, protected, dest, False, plan)
+                assert torch.equal(dest, ops.bipartite_match(metric, r, protected)), (plan, protected, r)
+
+
+PITOME_PLANS = [
+    PitomePlan(False, 16, 16, 16, 16, 16, 16), PitomePlan(False, 16, 32, 64, 16, 32, 32),
+    PitomePlan(True, 16), PitomePlan(True, 32),
+]
+
+
+def binary_keys(batch, n, d, seed):
+    """0/1 keys with four ones of 16: exact cosines, and with margin 0 exact energies (ties)."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.zeros(batch, 1, n, d)
+    for b in range(batch):
+        for i in range(n):
+            keys[b, 0, i, torch.randperm(16, generator=g)[:4]] = 1.0
+    return keys
+
+
+@pytest.mark.parametrize("plan", PITOME_PLANS, ids=str)
+@pytest.mark.parametrize("n,protected", [(38, 1), (71, 5)])
+def test_pitome_kernel_tiles_and_chunks(plan, n, protected):
+    keys = binary_keys(2, n, 32, seed=n)
+    cap = (n - protected) // 2
+    for bsm in (True, False):
+        for r in (1, cap // 2, cap):
+            dest = torch.full((2, n), -7, dtype=torch.int64)
+            run_pitome_match(keys, r, protected, 0.0, bsm, dest, plan)
+            assert torch.equal(dest, ops.pitome_match(keys, r, protected, margin=0.0, bsm=bsm)), (bsm, r)
+
+
+@pytest.mark.parametrize("plan", [PITOME_PLANS[0], PITOME_PLANS[2]], ids=str)
+def test_pitome_kernel_tiles_on_float_keys(plan):
+    keys = torch.randn(2, 3, 53, 32, generator=torch.Generator().manual_seed(1))
+    for bsm, r, margin in ((True, 13, 0.75), (False, 26, 0.25), (True, 26, 0.5)):
+        dest = torch.full((2, 53), -7, dtype=torch.int64)
+        run_pitome_match(keys, r, 1, margin, bsm, dest, plan)
+        assert torch.equal(dest, ops.pitome_match(keys, r, 1, margin=margin, bsm=bsm)), (bsm, r)
+
+
+def test_pitome_kernel_r_zero_is_the_identity():
+    keys = binary_keys(2, 20, 32, seed=3)
+    dest = torch.full((2, 20), -7, dtype=torch.int64)
+    launch_pitome_match(keys, 0, 1, 0.5, True, dest)
+    assert torch.equal(dest, ops.pitome_match(keys, 0, 1, margin=0.5, bsm=True))
+
+
+def test_matching_kernels_are_deterministic():
+    keys = torch.randn(2, 4, 70, 32, generator=torch.Generator().manual_seed(2))
+    for plan in (TomePlan(False, 16, 16, 16), TomePlan(True, 32, 32)):
+        runs = [torch.full((2, 70), -7, dtype=torch.int64) for _ in range(2)]
+        for dest in runs:
+            run_tome_match(keys, 30, 1, dest, False, plan)
+        assert torch.equal(runs[0], runs[1]), plan
+    for plan in (plan_pitome(2, 70, 1, 30, True), PitomePlan(True, 32)):
+        runs = [torch.full((2, 70), -7, dtype=torch.int64) for _ in range(2)]
+        for dest in runs:
+            run_pitome_match(keys, 30, 1, 0.5, True, dest, plan)
+        assert torch.equal(runs[0], runs[1]), plan
+
+
+def test_matching_plans_spread_small_batches():
+    # batch 1: several programs per image in every launch; from 64 images: one program per image
+    assert not plan_tome(1, 197).per_image and plan_tome(256, 197).per_image
+    assert not plan_pitome(1, 577, 1, 72, True).per_image and plan_pitome(64, 577, 1, 72, True).per_image
+    tiles = plan_tome(1, 577)
+    assert tiles.chunk_b % tiles.block_b == 0 and tiles.chunk_b < 577 // 2
+
+
 def check_rule(fast, plain, exact):
     """DESIGN.md's tolerance rule against the fp64 result."""
     err_fast = (fast.double() - exact).abs().max().item()
@@ -178,6 +275,21 @@ def test_merge_kernel_follows_the_rule(n, n_out, n_dropped, channels, dtype, mod
         plain, _ = ops.merge(x64.to(dtype), size, dest, n_out, w, n_dropped=n_dropped, mode=mode)
         check_rule(out, plain, exact)
         assert torch.equal(size_out.double(), size_exact)
+
+
+@pytest.mark.parametrize("mode", ["mean", "norm_preserving"])
+def test_merge_kernel_keeps_fp64(mode):
+    # fp64 tokens are summed in fp64, as the PyTorch op does (fp32 sums would be ~1e-7 off)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 101, 96, dtype=torch.float64, generator=g)
+    size = torch.randint(1, 6, (2, 101, 1), generator=g).to(torch.float64)
+    w = torch.rand(2, 101, 1, dtype=torch.float64, generator=g) + 0.5
+    dest = random_map(2, 101, 60, 10, seed=7)
+    out, size_out = torch.empty(2, 60, 96, dtype=torch.float64), torch.empty(2, 60, 1, dtype=torch.float64)
+    launch_merge(x, size, dest, w, out, size_out, MODES[mode])
+    exact, size_exact = ops.merge(x, size, dest, 60, w, n_dropped=10, mode=mode)
+    assert (out - exact).abs().max().item() <= 1e-13 * exact.abs().max().item()
+    assert torch.equal(size_out, size_exact)
 
 
 def test_merge_kernel_is_deterministic():

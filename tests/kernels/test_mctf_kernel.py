@@ -14,7 +14,7 @@ import torch
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("kernel tests need TRITON_INTERPRET=1 (run by `make test`)", allow_module_level=True)
 
-from tomec.kernels.mctf import launch_attention_received  # noqa: E402
+from tomec.kernels.mctf import SMS, Plan, _chunks, launch_attention_received, plan_for  # noqa: E402
 from tomec.ops import attention_received, mctf_match  # noqa: E402
 
 FLOOR = {torch.float32: 1e-6, torch.float16: 2e-5}
@@ -27,26 +27,66 @@ def qk(batch, heads, n, d, dtype, seed):
     return q.to(dtype), k.to(dtype), size.to(dtype)
 
 
-# (N, H, d): one and several tiles of 32, odd and even N, d padded to 16 and to a power of two
-@pytest.mark.parametrize(
-    "n,heads,d,dtype,with_size",
-    [(5, 1, 16, torch.float32, True), (33, 2, 8, torch.float16, True), (40, 3, 20, torch.float32, False),
-     (66, 1, 32, torch.float32, True), (17, 2, 64, torch.float16, False)],
-)
-def test_attention_received_kernel(n, heads, d, dtype, with_size):
-    q, k, size = qk(2, heads, n, d, dtype, seed=n + heads)
-    size = size if with_size else None
-    scale = d**-0.5
-    out = torch.full((2, n), float("nan"))
-    launch_attention_received(q, k, size, scale, out)
+def check_against_fp64(q, k, size, scale, plan=None):
+    """The kernel's output, poisoned first and checked as fully written, within twice the PyTorch
+    op's error against fp64 plus the floor; returns it."""
+    out = torch.full((q.shape[0], q.shape[2]), float("nan"))
+    launch_attention_received(q, k, size, scale, out, plan=plan)
     assert not out.isnan().any()  # every element written
     exact = attention_received(q.double(), k.double(), None if size is None else size.double(), scale)
     plain = attention_received(q, k, size, scale)  # PyTorch in fp32 (the op's accumulation dtype)
-    bound = 2 * (plain.double() - exact).abs().max() + FLOOR[dtype]
+    bound = 2 * (plain.double() - exact).abs().max() + FLOOR[q.dtype]
     assert (out.double() - exact).abs().max() <= bound
-    again = torch.full((2, n), float("nan"))
-    launch_attention_received(q, k, size, scale, again)
-    assert torch.equal(out, again)  # same input, same bits
+    return out
+
+
+# (N, H, d, plan): one and several resident tiles (plan.big) and streamed tiles (plan.small), the
+# stream split into several chunks (whose log-sum-exps and column sums are combined), a last chunk
+# shorter than the others, odd and even N, d padded to 16 and to a power of two; None: plan_for's
+CASES = [
+    (5, 1, 16, torch.float32, True, None),
+    (33, 2, 8, torch.float16, True, Plan(16, 16, 2)),  # 3 x 3 tiles, chunks of 2 and 1 tiles
+    (40, 3, 20, torch.float32, False, Plan(32, 16, 3)),  # 2 x 3 tiles, 3 chunks
+    (66, 1, 32, torch.float32, True, Plan(64, 32, 2)),  # 2 x 3 tiles, chunks of 2 and 1 tiles
+    (17, 2, 64, torch.float16, False, None),
+    (70, 2, 16, torch.float16, True, Plan(32, 16, 3)),  # 3 x 5 tiles, chunks of 2, 2, 1 tiles
+]
+
+
+@pytest.mark.parametrize("n,heads,d,dtype,with_size,plan", CASES)
+def test_attention_received_kernel(n, heads, d, dtype, with_size, plan):
+    q, k, size = qk(2, heads, n, d, dtype, seed=n + heads)
+    check_against_fp64(q, k, size if with_size else None, d**-0.5, plan)
+
+
+def test_same_bits_every_launch():
+    """Two launches of the same input give the same bits (no atomics, fixed summation orders), with
+    several heads, resident tiles and chunks; peaked rows (scale 1) whose maxima lie in different key
+    chunks test the chunks' log-sum-exp combine."""
+    q, k, size = qk(2, 2, 45, 16, torch.float16, seed=7)
+    plan = Plan(32, 16, 3)  # 2 x 3 tiles, 3 chunks
+    out = check_against_fp64(q, k, size, 1.0, plan)
+    again = torch.full_like(out, float("nan"))
+    launch_attention_received(q, k, size, 1.0, again, plan=plan)
+    assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize("n,tiles,splits",
+                         [(197, 13, 3), (577, 37, 2), (40, 3, 8), (5, 1, 4), (160, 10, 4)])
+def test_chunks_are_whole_tiles_and_never_empty(n, tiles, splits):
+    chunk, count = _chunks(n, 16, splits)
+    assert chunk % 16 == 0 and count <= splits
+    assert (count - 1) * chunk < n <= count * chunk  # every chunk starts before N: none is empty
+    assert -(-n // 16) == tiles
+
+
+@pytest.mark.parametrize("heads,n", [(12, 197), (16, 577)])
+def test_plan_fills_the_sms_at_batch_1(heads, n):
+    """ViT-B at 197 tokens and ViT-L at 577, batch 1 (bf16): one program per SM or more in both
+    passes (the grid is (B, H, resident tiles x chunks))."""
+    plan = plan_for(1, heads, n, 64, True, 2)
+    chunks = _chunks(n, plan.small, plan.splits)[1]
+    assert heads * -(-n // plan.big) * chunks >= SMS
 
 
 def test_through_the_op_layer_with_strides():
