@@ -5,7 +5,8 @@ the call the graph pass inserts) runs with ``impl="triton"`` on ``device="meta"`
 of shapes, with the kernel launches intercepted (:func:`tomec.kernels.aot.record`). Each distinct
 configuration is then compiled with Triton's ahead-of-time compiler for ``sm_80`` (A100), ``sm_90``
 (H100/H200) and ``sm_100`` (B200), and ``cuobjdump -res-usage`` reads registers, stack and local
-memory off the cubin.
+memory off the cubin; spills are what ptxas's own ``-v`` report counts (a stack frame alone can be
+the call frame of fp64 division's slow path).
 
     python -m tomec.bench.aot                 # writes bench/results/kernels-aot.json
     python -m tomec.bench.aot --targets 90 --quick
@@ -191,6 +192,8 @@ class Row:
     registers: int
     stack: int
     local: int
+    spill_stores: Optional[int]
+    spill_loads: Optional[int]
     shared: int
     spills: bool
     error: Optional[str]
@@ -212,13 +215,13 @@ def compile_all(cc: int, grid: Sequence[Shape], with_attrs: bool = True, progres
         spill_models = sorted(config.models & set(NO_SPILL_MODELS))
         if result.spills and spill_models:
             problems.append(
-                f"{result.stack} B stack / {result.local} B local memory per thread (register "
-                f"spills) at the shapes of {', '.join(spill_models)}"
+                f"{result.spill_text()} (register spills) at the shapes of {', '.join(spill_models)}"
             )
         example = sorted(config.serves)[0]
         rows.append(Row(
             kernel=result.name, target=f"sm_{cc}", constexprs=result.constexprs, num_warps=result.num_warps,
-            registers=result.registers, stack=result.stack, local=result.local, shared=result.shared,
+            registers=result.registers, stack=result.stack, local=result.local,
+            spill_stores=result.spill_stores, spill_loads=result.spill_loads, shared=result.shared,
             spills=result.spills, error=result.error, problems=problems, seconds=round(result.seconds, 3),
             methods=sorted({m for m, _ in config.serves}), models=sorted(config.models),
             example=f"{example[0]} at {example[1]}",
@@ -252,6 +255,23 @@ def summary(rows: Sequence[Row]) -> list[dict]:
     return sorted(table.values(), key=lambda e: (e["kernel"], e["target"]))
 
 
+def inductor_summary(cc: int = 90) -> dict:
+    """The kernels Inductor generates for a merged fp16 model (timm's test_vit, ToMe with the source
+    map) on a faked ``cc`` GPU, compiled for it (tomec.bench.inductor_aot)."""
+    from tomec.bench import inductor_aot
+
+    gm, inputs, mode = inductor_aot.merged_graph("test_vit", "tome", 30, trace_source=True)
+    rows = inductor_aot.compile_generated(inductor_aot.generated_code(gm, inputs, mode, cc), cc)
+    spilling = sorted({r.kernel for r in rows if r.spills and not r.tomec})
+    return dict(
+        graph="timm test_vit, fp16, batch 2, method tome, r=30, trace_source", target=f"sm_{cc}",
+        kernels=len({r.kernel for r in rows}), configs=len(rows),
+        tomec_kernels=sorted({r.kernel for r in rows if r.tomec}),
+        max_registers=max(r.registers for r in rows), max_shared=max(r.shared for r in rows),
+        inductor_kernels_with_a_spilling_config=spilling, failures=inductor_aot.failures(rows, cc),
+    )
+
+
 def _meta() -> dict:
     import triton
 
@@ -264,6 +284,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)))
     parser.add_argument("--quick", action="store_true", help="DeiT-S and ViT-L at N=197 only")
     parser.add_argument("--methods", default=None, help="only these methods' kernels (comma-separated)")
+    parser.add_argument("--no-inductor", dest="inductor", action="store_false",
+                        help="skip the kernels Inductor generates for a merged model (bench/inductor_aot.py)")
     parser.add_argument("--out", default=str(RESULTS / "kernels-aot.json"))
     args = parser.parse_args(argv)
     if kernels.unavailable_reason() is not None:
@@ -275,9 +297,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         names = args.methods.split(",") if args.methods else None
         rows += compile_all(cc, grid, with_attrs=i == 0, progress=True, method_names=names)
     bad = failures(rows)
+    generated = None
+    if args.inductor:
+        generated = inductor_summary()
+        bad += generated["failures"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(
-        dict(meta=_meta(), summary=summary(rows), failures=bad, configs=[asdict(r) for r in rows]), indent=1))
+        dict(meta=_meta(), summary=summary(rows), failures=bad, inductor=generated,
+             configs=[asdict(r) for r in rows]), indent=1))
     for entry in summary(rows):
         print(f"{entry['kernel']:28} {entry['target']:7} {entry['configs']:4} configs  "
               f"regs <= {entry['max_registers']:3}  shared <= {entry['max_shared']:6} B  "

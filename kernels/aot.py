@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import io
 import os
 import re
 import shutil
@@ -219,8 +220,10 @@ class Compiled:
     constexprs: dict[str, Any]
     num_warps: int
     registers: int = 0  # per thread
-    stack: int = 0  # bytes per thread of stack frame (where ptxas spills)
+    stack: int = 0  # bytes per thread of stack frame (spills, and the frames of calls such as fp64 division)
     local: int = 0  # bytes per thread of local memory
+    spill_stores: Optional[int] = None  # bytes per thread, from ptxas's own report (None: no report)
+    spill_loads: Optional[int] = None
     shared: int = 0  # bytes per block: dynamic (Triton's) + static
     seconds: float = 0.0
     error: Optional[str] = None
@@ -228,7 +231,16 @@ class Compiled:
 
     @property
     def spills(self) -> bool:
+        """Registers spilled to local memory, as ptxas reports it; without its report, any stack or
+        local memory counts (a call frame, as fp64 division's slow path needs, is not a spill)."""
+        if self.spill_stores is not None:
+            return self.spill_stores > 0 or bool(self.spill_loads)
         return self.stack > 0 or self.local > 0
+
+    def spill_text(self) -> str:
+        if self.spill_stores is not None:
+            return f"{self.spill_stores} B spill stores / {self.spill_loads} B spill loads per thread"
+        return f"{self.stack} B stack / {self.local} B local memory per thread"
 
 
 def _cuobjdump() -> Optional[str]:
@@ -241,7 +253,7 @@ def _cuobjdump() -> Optional[str]:
 _RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
-def _resources(cubin: bytes) -> tuple[int, int, int, int]:
+def cubin_resources(cubin: bytes) -> tuple[int, int, int, int]:
     """(registers, stack, static shared, local) of the one kernel in ``cubin``."""
     tool = _cuobjdump()
     if tool is None:
@@ -264,21 +276,50 @@ def compile_for(spec: Specialization, cc: int) -> Compiled:
 
     result = Compiled(spec.name, cc, spec.named_constexprs(), int(spec.options.get("num_warps", 4)))
     start = time.perf_counter()
+    log = io.StringIO()
     try:
         src = ASTSource(spec.kernel, spec.signature, spec.constexprs, spec.attrs)
-        compiled = triton.compile(src, target=_target(cc), options=spec.options)
+        with ptxas_report(log):
+            compiled = triton.compile(src, target=_target(cc), options=spec.options)
     except Exception as e:  # Triton's CompilationError, ptxas errors: reported, not raised
         result.error = f"{type(e).__name__}: {error_summary(str(e))}"
         result.seconds = time.perf_counter() - start
         return result
     result.seconds = time.perf_counter() - start
-    regs, stack, static_shared, local = _resources(compiled.asm["cubin"])
+    result.spill_stores, result.spill_loads = spill_bytes(log.getvalue())
+    regs, stack, static_shared, local = cubin_resources(compiled.asm["cubin"])
     result.registers, result.stack, result.local = regs, stack, local
     result.shared = int(compiled.metadata.shared) + static_shared
     limit = SHARED_LIMIT.get(cc)
     if limit is not None and result.shared > limit:
         result.problems.append(f"shared memory {result.shared} B above the sm_{cc} limit of {limit} B")
     return result
+
+
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def spill_bytes(report: str) -> tuple[Optional[int], Optional[int]]:
+    """(spill stores, spill loads) in bytes per thread from a ptxas ``-v`` report; (None, None)
+    when the report has no such line."""
+    found = _SPILLS.search(report)
+    return (int(found.group(1)), int(found.group(2))) if found else (None, None)
+
+
+@contextlib.contextmanager
+def ptxas_report(out: io.StringIO) -> Iterator[None]:
+    """Compile afresh (a cached cubin has no report) with ptxas's ``-v`` report printed into ``out``
+    (Triton prints it when ``dump_ptxas_log`` is set; a Triton without the knobs prints nothing)."""
+    from triton import knobs
+
+    nvidia, compilation = getattr(knobs, "nvidia", None), getattr(knobs, "compilation", None)
+    if not (hasattr(nvidia, "dump_ptxas_log") and hasattr(compilation, "always_compile")):
+        yield
+        return
+    with nvidia.scope(), compilation.scope(), contextlib.redirect_stdout(out):
+        nvidia.dump_ptxas_log = True
+        compilation.always_compile = True
+        yield
 
 
 def error_summary(text: str, n: int = 6) -> str:

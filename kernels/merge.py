@@ -113,10 +113,12 @@ def _merge_kernel(
     count = tl.load(starts + s + 1, mask=smask, other=0) - first
     count = tl.where(smask, count, 0)
     longest = tl.max(count, axis=0)
-    acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
-    weight = tl.zeros([BLOCK_S], tl.float32)
-    total = tl.zeros([BLOCK_S], tl.float32)
-    largest = tl.zeros([BLOCK_S], tl.float32)
+    # fp32 sums for 16- and 32-bit tokens; fp64 tokens keep fp64 (as the PyTorch op)
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    acc = tl.zeros([BLOCK_S, BLOCK_C], ACC)
+    weight = tl.zeros([BLOCK_S], ACC)
+    total = tl.zeros([BLOCK_S], ACC)
+    largest = tl.zeros([BLOCK_S], ACC)
     for k in range(0, longest):
         live = k < count
         tok = tl.load(perm_ptr + img * N + first + k, mask=live, other=0)
@@ -124,13 +126,13 @@ def _merge_kernel(
             x_ptr + img * stride_xb + tok[:, None] * stride_xn + c[None, :] * stride_xc,
             mask=live[:, None] & cmask[None, :],
             other=0.0,
-        ).to(tl.float32)
+        ).to(ACC)
         if HAS_SIZE:
-            sk = tl.load(size_ptr + img * stride_sb + tok * stride_sn, mask=live, other=0.0).to(tl.float32)
+            sk = tl.load(size_ptr + img * stride_sb + tok * stride_sn, mask=live, other=0.0).to(ACC)
         else:
-            sk = tl.where(live, 1.0, 0.0)
+            sk = tl.where(live, 1.0, 0.0).to(ACC)
         if HAS_W:
-            wk = tl.load(w_ptr + img * stride_wb + tok * stride_wn, mask=live, other=0.0).to(tl.float32)
+            wk = tl.load(w_ptr + img * stride_wb + tok * stride_wn, mask=live, other=0.0).to(ACC)
         else:
             wk = sk
         acc += wk[:, None] * xk
@@ -191,6 +193,8 @@ def launch_merge(
         block_c, block_s = max(16, triton.next_power_of_2(channels)), 4
     else:
         block_c, block_s = min(128, max(16, triton.next_power_of_2(channels))), 16
+    if x.dtype == torch.float64:  # fp64 accumulators: half the slots per program keeps the registers
+        block_s = max(block_s // 2, 1)
     size_strides = (size.stride(0), size.stride(1)) if size is not None else (0, 0)
     w_strides = (w.stride(0), w.stride(1)) if w is not None else (0, 0)
     grid = (batch, triton.cdiv(n_out, block_s), triton.cdiv(channels, block_c))

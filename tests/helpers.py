@@ -12,6 +12,7 @@ from torch import nn
 
 import tomec
 from tomec import reference
+from tomec.bench.inductor_aot import dynamo_graph
 from tomec.errors import TomecError
 
 IMAGE_SIZE = {"test_vit": 160, "deit_tiny_patch16_224": 224}
@@ -96,16 +97,7 @@ def random_map(batch: int, n: int, n_out: int, n_dropped: int, seed: int) -> tor
 
 def trace(model, x):
     """The Dynamo FX graph of ``model(x)`` and its example inputs."""
-    captured = {}
-
-    def capture(gm, example_inputs):
-        captured["gm"], captured["inputs"] = gm, example_inputs
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=capture, fullgraph=True)(x)
-    return captured["gm"], captured["inputs"]
+    return dynamo_graph(model, x)
 
 
 def check_parity(name, fused, batch, prop_attn=True, compiler="eager", method="tome", r=None,

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import tomec
 from tests.helpers import images, make_model, trace
+from tomec.bench.inductor_aot import as_fake_cuda
 from tomec import kernels, ops
 from tomec.config import TomecConfig
 from tomec.passes import rewrite
@@ -46,24 +46,6 @@ def test_fake_functions_on_cuda(dtype):
         assert ops.merge(x, None, dest, 177, impl="auto")[0].shape == (4, 177, 384)
 
 
-def _to_fake_cuda(gm, inputs):
-    """Re-type a CPU Dynamo graph as a CUDA one: fake CUDA placeholders, metadata re-propagated."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fakes = []
-    for node, value in zip(gm.graph.find_nodes(op="placeholder"), inputs):
-        with mode:
-            fake = torch.empty(value.shape, dtype=value.dtype, device="cuda")
-        if isinstance(value, torch.nn.Parameter):
-            fake = torch.nn.Parameter(fake, requires_grad=False)
-        node.meta["example_value"] = fake
-        fakes.append(fake)
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
-    for node in gm.graph.nodes:
-        if "val" in node.meta:
-            node.meta["example_value"] = node.meta.pop("val")
-    return fakes, mode
-
-
 def _inserted(gm):
     """The ``impl`` of every inserted merge step."""
     return {n.kwargs["impl"] for n in gm.graph.nodes if getattr(n.target, "__name__", "") == "merge_step"}
@@ -74,7 +56,7 @@ def test_pass_inserts_triton_ops_on_cuda_and_torch_ops_on_cpu(device):
     gm, inputs = trace(make_model("test_vit"), images("test_vit", 2))
     config = TomecConfig(r=30, trace_source=True, compiler="eager")
     if device == "cuda":
-        inputs, mode = _to_fake_cuda(gm, inputs)
+        inputs, mode = as_fake_cuda(gm, inputs)
     result = rewrite(gm, inputs, config)
     impl = "auto" if device == "cuda" else "torch"  # "auto": each op's kernel, unless it failed to compile
     assert _inserted(result.gm) == {impl}
@@ -121,7 +103,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 @pytest.mark.parametrize("method,op", [("pitome", "tomec.pitome_match.default"), ("tofu", "tomec.merge.default")])
 def test_other_methods_reach_their_kernels_on_cuda(method, op):
     gm, inputs = trace(make_model("test_vit"), images("test_vit", 2))
-    inputs, mode = _to_fake_cuda(gm, inputs)
+    inputs, mode = as_fake_cuda(gm, inputs)
     result = rewrite(gm, inputs, TomecConfig(method=method, r=30, compiler="eager"))
     with mode:
         aten = make_fx(result.gm)(*inputs)
@@ -146,7 +128,7 @@ def _aten_targets(gm, inputs, mode):
 
 def _cuda_graph(config):
     gm, inputs = trace(make_model("test_vit"), images("test_vit", 2))
-    inputs, mode = _to_fake_cuda(gm, inputs)
+    inputs, mode = as_fake_cuda(gm, inputs)
     return rewrite(gm, inputs, config).gm, inputs, mode
 
 
@@ -197,7 +179,7 @@ def test_backend_checks_cuda_graphs_before_compiling(fresh_kernel_checks, monkey
 
     monkeypatch.setattr(kernel_check, "compile_on_device", compile_on_device)
     gm, inputs = trace(make_model("test_vit"), images("test_vit", 2))
-    inputs, mode = _to_fake_cuda(gm, inputs)
+    inputs, mode = as_fake_cuda(gm, inputs)
     be = tomec.backend(r=30, compiler="eager")
     with pytest.warns(UserWarning, match="does not compile"):
         be(gm, inputs)
@@ -243,7 +225,7 @@ def test_sdpa_masks_are_in_the_query_dtype_and_shape(dtype, method):
     fp16/bf16 queries: every mask tomec gives SDPA on CUDA is [B, 1, 1, N] in the query's dtype."""
     model = make_model("test_vit").to(dtype)
     gm, inputs = trace(model, images("test_vit", 2).to(dtype))
-    inputs, _ = _to_fake_cuda(gm, inputs)
+    inputs, _ = as_fake_cuda(gm, inputs)
     result = rewrite(gm, inputs, TomecConfig(method=method, r=30, compiler="eager"))
     masked = [n for n in result.gm.graph.nodes
               if "scaled_dot_product" in str(n.target) and n.kwargs.get("attn_mask") is not None]

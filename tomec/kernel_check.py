@@ -84,14 +84,17 @@ def compile_on_device(launch: Any, device: torch.device) -> Optional[str]:
     """Compile ``launch`` for ``device`` without running it; None, or why it cannot run there."""
     from .kernels import aot
 
+    if not hasattr(launch.kernel, "warmup"):  # not a compile failure: this Triton cannot check
+        log.warning("tomec: this Triton has no JITFunction.warmup; kernels are not checked before use")
+        return None
     try:
         with torch.cuda.device(device):
             compiled = aot.warmup(launch)
     except Exception as e:  # Triton's CompilationError, ptxas errors, out of resources
         return f"{type(e).__name__}: {aot.error_summary(str(e))}"
-    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-    shared = int(getattr(compiled.metadata, "shared", 0)) if compiled is not None else 0
-    if shared > limit:
+    limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+    shared = int(getattr(getattr(compiled, "metadata", None), "shared", 0) or 0)
+    if limit is not None and shared > limit:
         return f"it needs {shared} B of shared memory per block; the device allows {limit} B"
     return None
 
