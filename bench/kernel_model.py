@@ -2,7 +2,7 @@
 
 Without a GPU, each kernel's time is bounded from its own cost declaration (``launch_metadata``:
 CUDA-core operations, tensor-core FLOPs, distinct global bytes, all bytes loaded), its grid, and the
-device's per-SM and total throughput (DESIGN.md, "The kernel performance model"):
+device's per-SM and total throughput (README, "The kernel performance model"):
 
     t = max(flops / (f_sm · S), tc_flops / (t_sm · S), bytes / B_hbm, loads / (b_sm · S)),
     S = min(SMs, programs)
@@ -28,38 +28,11 @@ import torch
 from tomec import methods
 from tomec.bench.aot import MODELS, Shape, kernel_methods, step_calls, step_launches
 from tomec.bench.machine import machine
+from tomec.kernels.common import H200, Device
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-@dataclass(frozen=True)
-class Device:
-    """Peak figures of one GPU (per SM where the model divides work over SMs)."""
-
-    name: str
-    sms: int
-    clock_hz: float  # boost clock
-    ops_per_sm_clock: float  # CUDA-core operations (an FMA is 2)
-    tc_flops: float  # dense 16-bit tensor-core FLOP/s, whole device
-    hbm_bytes_per_s: float
-    sm_bytes_per_clock: float  # what one SM can load from L2 per clock
-
-    @property
-    def sm_ops(self) -> float:
-        return self.ops_per_sm_clock * self.clock_hz
-
-    @property
-    def sm_tc(self) -> float:
-        return self.tc_flops / self.sms
-
-    @property
-    def sm_bytes(self) -> float:
-        return self.sm_bytes_per_clock * self.clock_hz
-
-
-# NVIDIA's H200 SXM figures: 132 SMs at 1.98 GHz, 128 FP32 lanes per SM, 989 TFLOP/s dense BF16,
-# 4.8 TB/s HBM3e; 64 B per clock per SM from L2.
-H200 = Device("NVIDIA H200 (model)", 132, 1.98e9, 256.0, 989.4e12, 4.8e12, 64.0)
 
 # The shapes the acceptance rule reads (ViT-B at 224 px, ViT-L at 384 px) and DeiT-S for reference.
 CASES = (("deit_s", 197), ("vit_b", 197), ("vit_l", 577))

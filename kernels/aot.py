@@ -196,15 +196,20 @@ def _backend(cc: int):
     return make_backend(_target(cc))
 
 
+@functools.lru_cache(maxsize=None)
+def _binder(kernel: Any, cc: int) -> Any:
+    """Triton's argument binder of ``kernel`` for ``cc`` (built by exec: once per kernel and target)."""
+    from triton.runtime.jit import create_function_from_signature
+
+    return create_function_from_signature(kernel.signature, kernel.params, _backend(cc))
+
+
 def specialize(launch: Launch, cc: int) -> Specialization:
     """The signature, constexprs, attributes and options Triton's launcher computes for ``launch``
     on compute capability ``cc`` (pointers of meta tensors are 0-based, so aligned as a CUDA
     allocation; their offsets count)."""
-    from triton.runtime.jit import create_function_from_signature
-
     kernel, backend = launch.kernel, _backend(cc)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*launch.args, **launch.kwargs)
+    bound, specialization, options = _binder(kernel, cc)(*launch.args, **launch.kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(
         backend, launch.kwargs, bound, specialization, options
     )

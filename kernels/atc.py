@@ -53,7 +53,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import interpreting
-from .common import cdiv, log2_ceil, padded
+from .common import H200, cdiv, log2_ceil, padded
 
 MAX_T = 8192  # slot offsets (n_merges * T) stay within int32; stamps and columns pack in 14 bits
 
@@ -300,7 +300,7 @@ def launch_atc_cluster(
         block_r = max(1, min(block_t, 4096 // block_t))
         # two programs per SM of an H100-class GPU where the rows allow (the interpreter pays per
         # program instead: one tile per image there)
-        while block_r > 1 and batch * cdiv(t, block_r) < 264 and not interpreting():
+        while block_r > 1 and batch * cdiv(t, block_r) < 2 * H200.sms and not interpreting():
             block_r //= 2
     rmin = torch.empty(batch, t, device=dist.device, dtype=dist.dtype)
     rarg = torch.empty(batch, t, device=dist.device, dtype=torch.int32)

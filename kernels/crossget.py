@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .common import cdiv, padded
+from .common import H200, cdiv, padded
 
 
 def _pairs(tiles: int) -> int:
@@ -174,7 +174,7 @@ def _tile(batch: int, n: int) -> int:
     """The square tile: 16 where an image needs the finer grid to spread over the SMs (more than four
     tiles of 32 and too few programs from the batch), else 32 (fewer, larger programs: less re-reading
     and per-program overhead; below 129 tokens the launch is a handful of programs either way)."""
-    return 16 if n > 128 and batch * _pairs(cdiv(n, 32)) < 4 * 132 else 32
+    return 16 if n > 128 and batch * _pairs(cdiv(n, 32)) < 4 * H200.sms else 32
 
 
 def launch_crossget_rowmax(

@@ -38,11 +38,11 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .common import TINY, cdiv, padded
+from .common import H200, TINY, cdiv, padded
 
 # Programs that keep every SM of an H100/H200 (132) busy for about two waves: the spread plan sizes
 # its tiles so that a launch has at least this many programs where the image allows it.
-TARGET_PROGRAMS = 264
+TARGET_PROGRAMS = 2 * H200.sms
 # The head sum streams the keys: this many programs pull them near the memory's rate.
 HEAD_SUM_PROGRAMS = 24
 # From this many images on, one program per image: the SMs are busy already, and one program that
@@ -422,6 +422,7 @@ def run_tome_match(keys: torch.Tensor, r: int, protected: int, dest: torch.Tenso
             keys, metric, inv, best, partner, n, heads, d, protected,
             keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
             BLOCK_A=plan.block_a, BLOCK_B=plan.block_b, BLOCK_D=block_d,
+            num_warps=8,  # at 4, ptxas spills on sm_80 (DTEM's one-head metric) and sm_100
         )
     else:
         metric, inv = launch_head_sum(keys, 0, n, block_d, wrap_triton)

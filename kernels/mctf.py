@@ -31,13 +31,12 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .common import cdiv, padded
+from .common import H200, cdiv, padded
 
 LOG2E = 1.4426950408889634
-SMS = 132  # an H200's SMs: the programs a batch-1 launch should reach
-# Per SM of an H200 (the device the tiles are chosen for, as tomec.bench.kernel_model models it):
-# 16-bit tensor-core FLOP/s, CUDA-core operations/s (an FMA is 2), bytes/s loaded from L2.
-_SM_TC, _SM_OPS, _SM_LOADS = 989.4e12 / SMS, 256 * 1.98e9, 64 * 1.98e9
+SMS = H200.sms  # the programs a batch-1 launch should reach
+# Per SM of the H200 the tiles are chosen for (tomec.bench.kernel_model models the same device).
+_SM_TC, _SM_OPS, _SM_LOADS = H200.sm_tc, H200.sm_ops, H200.sm_bytes
 SMALL = 16  # rows of a streamed tile: tl.dot's least, and the least padding on the streamed axis
 
 
