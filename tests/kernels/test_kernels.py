@@ -96,8 +96,9 @@ def test_pitome_kernel_equals_torch_on_ties(n, d, protected, bsm):
 @pytest.mark.parametrize("n,d,protected", [(17, 64, 1), (64, 32, 2), (197, 64, 1)])
 def test_pitome_kernel_equals_torch_on_keys(n, d, protected, bsm, dtype):
     keys = torch.randn(2, 4, n, d, generator=torch.Generator().manual_seed(n)).to(dtype)
-    for r in match_rs(n, protected)[1:]:
-        for margin in (0.75, 0.25):
+    for i, r in enumerate(match_rs(n, protected)[1:]):
+        # both margins at every r below ViT sizes; at N=197 they alternate over r (interpreter time)
+        for margin in (0.75, 0.25) if n < 197 else ((0.75, 0.25)[i % 2],):
             dest = torch.full((2, n), -7, dtype=torch.int64)
             launch_pitome_match(keys, r, protected, margin, bsm, dest)
             assert torch.equal(dest, ops.pitome_match(keys, r, protected, margin=margin, bsm=bsm))
@@ -251,6 +252,7 @@ MERGE_CASES = [
     for dtype in (torch.float32, torch.float16)
     for mode in ("mean", "norm_preserving")
     if mode == "mean" or shape[0] < 400  # the norm epilogue needs no 600-token case
+    if shape[0] < 400 or dtype == torch.float32  # one 600-token case (interpreter time)
 ]
 
 
