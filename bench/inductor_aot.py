@@ -176,9 +176,7 @@ class InductorRow:
 
     @property
     def spills(self) -> bool:
-        if self.spill_stores is not None:
-            return self.spill_stores > 0 or bool(self.spill_loads)
-        return self.stack > 0 or self.local > 0
+        return aot.spills(self.spill_stores, self.spill_loads, self.stack, self.local)
 
 
 def compile_generated(code: str, cc: int = 90) -> list[InductorRow]:

@@ -238,9 +238,7 @@ class Compiled:
     def spills(self) -> bool:
         """Registers spilled to local memory, as ptxas reports it; without its report, any stack or
         local memory counts (a call frame, as fp64 division's slow path needs, is not a spill)."""
-        if self.spill_stores is not None:
-            return self.spill_stores > 0 or bool(self.spill_loads)
-        return self.stack > 0 or self.local > 0
+        return spills(self.spill_stores, self.spill_loads, self.stack, self.local)
 
     def spill_text(self) -> str:
         if self.spill_stores is not None:
@@ -302,6 +300,14 @@ def compile_for(spec: Specialization, cc: int) -> Compiled:
 
 
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def spills(stores: Optional[int], loads: Optional[int], stack: int, local: int) -> bool:
+    """Whether a cubin spills registers: ptxas's spill counts where its report was read, else any
+    stack or local memory."""
+    if stores is not None:
+        return stores > 0 or bool(loads)
+    return stack > 0 or local > 0
 
 
 def spill_bytes(report: str) -> tuple[Optional[int], Optional[int]]:
