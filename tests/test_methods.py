@@ -141,6 +141,22 @@ def test_diffrate_ties_equal_oracle():
         torch.testing.assert_close(got[2], want[2], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("cosine", [0.6, 0.2, -0.6])
+def test_diffrate_merged_size_is_similarity_scaled(cosine):
+    # The official evaluation path: merged size = size_dst + size_src * sim, never clamped at 1 (the
+    # old clamp made it 2 for every sim <= 1); a negative similarity adds nothing (tomec's guard).
+    x = torch.tensor([[[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [cosine, (1 - cosine**2) ** 0.5, 0.0]]],
+                     dtype=torch.float64)
+    q = torch.zeros(1, 2, 3, 4, dtype=torch.float64)  # uniform importance (no size bias): 1 kept
+    k = torch.randn(1, 2, 3, 4, dtype=torch.float64)
+    size = torch.tensor([[[1.0], [2.0], [3.0]]], dtype=torch.float64)
+    dest, w, src_size = ops.diffrate_match(x, q, k, size, 1, 1, prop_attn=False)
+    assert dest.tolist() == [[0, 1, 1]]
+    _, merged = ops.merge(x, src_size, dest, 2, w)
+    want = 2.0 + 3.0 * max(cosine, 0.0)
+    torch.testing.assert_close(merged[0, :, 0], torch.tensor([1.0, want], dtype=torch.float64))
+
+
 def test_diffrate_needs_a_class_token():
     x, q = torch.randn(1, 9, 8), torch.randn(1, 2, 9, 4)
     with pytest.raises(ConfigError, match="needs protect >= 1"):

@@ -35,7 +35,7 @@ def diffrate_match(x, q, k, size, r, protected, n_dropped=0, scale=None, prop_at
                 if best is None or c > best:
                     best, where = c, s
             dest[i] = protected + where
-            scaled[i] = max(scaled[i] * best, 1.0)  # the official search code's clamp
+            scaled[i] = scaled[i] * max(best, 0.0)  # the evaluation path: no clamp at 1
         dests.append(dest)
         sizes.append(scaled)
     dest = torch.tensor(dests, dtype=torch.int64)

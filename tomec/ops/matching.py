@@ -183,8 +183,11 @@ def diffrate_match(
     sorted by importance (descending, ties to the lower index); the last ``n_dropped`` are pruned,
     and the next least important ``r - n_dropped`` merge into their most cosine-similar token (on
     ``x``) among the ``T - r`` most important ones. As in the official code a merged token is the
-    plain mean of its members (``w`` = 1) and a source adds its size times that similarity, at
-    least 1 (the official search code's clamp; without it a dissimilar source makes a size <= 0).
+    plain mean of its members (``w`` = 1) and its size is ``size_dst + Σ size_src · sim`` with no
+    clamp, as the official evaluation path (its search/training branch clamps each term at 1,
+    which with ``sim <= 1`` undoes the scaling; ``tomec.diffrate_search`` keeps that clamp). One
+    guard the original lacks: a source with ``sim < 0`` adds 0, never a negative size (which
+    could make a merged size <= 0 and its ``log`` NaN under proportional attention).
 
     Args:
         x: ``[B, N, C]`` the block's tokens; q, k: ``[B, H, N, d]``; size: ``[B, N, 1]`` or None
@@ -238,6 +241,4 @@ def diffrate_match(
         [torch.ones(batch, protected, device=device, dtype=wide), similarity_at.gather(1, rank)], 1
     )
     sizes = x.new_ones(batch, n, 1) if size is None else size
-    # A dissimilar source (cosine <= 0) would give a size <= 0 and a NaN log(size) in the next
-    # attention: clamp at 1, as the official search (training) code does.
-    return dest, x.new_ones(batch, n, 1), (sizes * scale_size.unsqueeze(-1)).clamp_min(1).to(x.dtype)
+    return dest, x.new_ones(batch, n, 1), (sizes * scale_size.clamp_min(0).unsqueeze(-1)).to(x.dtype)
