@@ -10,7 +10,8 @@ from tests.helpers import check_parity, compile_tomec, images, make_model, relat
 from tests.oracles import crossget as oracle
 from tomec import methods
 from tomec.errors import ConfigError, ScheduleError
-from tomec.ops.crossget import crossget_importance, crossget_match
+from tomec.ops.crossget import concat_heads, crossget_importance, crossget_match
+from tomec.ops.matching import _cosine
 
 SHAPES = [(5, 0), (6, 1), (17, 1), (18, 2), (33, 3), (64, 0), (41, 3)]
 
@@ -75,6 +76,29 @@ def test_mutual_best_pair_ties_go_to_the_lower_index():
     for dtype in (torch.float64, torch.float32):
         dest, _, _ = crossget_match(k.to(dtype), q.to(dtype), 2, 1)
         assert torch.equal(dest, oracle.crossget_match(k, q, 2, 1)[0])
+
+
+def test_heads_are_concatenated_not_summed():
+    # Token 1's heads are (e0, e1) and token 2's (e1, e0): summed over heads they are the same
+    # vector (cosine 1), concatenated orthogonal (cosine 0), so token 1's partner is 2 under the
+    # head sum and 3 (cosine 0.95 either way) under the official concatenation.
+    k = torch.zeros(1, 2, 5, 2, dtype=torch.float64)
+    k[0, :, 0] = torch.tensor([[0.3, -1.0], [-1.0, 0.2]])  # the CLS, unlike the rest
+    k[0, :, 1] = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    k[0, :, 2] = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    k[0, :, 3] = torch.tensor([[1.0, 0.0], [0.0, 0.5]])
+    k[0, :, 4] = torch.tensor([[-1.0, 0.1], [-0.3, -1.0]])
+    q = torch.randn(1, 2, 5, 2, dtype=torch.float64)  # unguided: the similarity alone decides
+    concat = _cosine(concat_heads(k), concat_heads(k))[0]
+    summed = _cosine(k.sum(1), k.sum(1))[0]
+    assert concat[1, 2] == 0 and summed[1, 2] > 0.999 and concat[1, 3] > 0.9
+    for r in (1, 2):
+        dest, _, _ = crossget_match(k, q, r, 1, guided=False)
+        assert torch.equal(dest, _unguided_oracle(concat_heads(k), r, 1)), r
+    # the head-sum metric would merge token 1 into 2; the official metric puts 1 with 3
+    dest, _, _ = crossget_match(k, q, 1, 1, guided=False)
+    old, _, _ = crossget_match(k.sum(1), q.sum(1), 1, 1, guided=False)
+    assert not torch.equal(dest, old)
 
 
 # --- properties -----------------------------------------------------------------------------------

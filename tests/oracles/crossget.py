@@ -11,8 +11,12 @@ from .tome import _dot, _unit
 
 
 def _tokens(t: torch.Tensor, b: int) -> list[list[float]]:
-    """Row ``b`` as lists; keys/queries ``[B, H, N, d]`` are averaged over heads."""
-    t = t[b].mean(0) if t.dim() == 4 else t[b]
+    """Row ``b`` as unit lists; keys/queries ``[B, H, N, d]`` have their heads concatenated (token
+    i's vector is head 0's d values, then head 1's, ...), as the official in-projection."""
+    if t.dim() == 4:
+        rows = [[float(v) for h in range(t.shape[1]) for v in t[b, h, i]] for i in range(t.shape[2])]
+        return [_unit(row) for row in rows]
+    t = t[b]
     return [_unit(row.tolist()) for row in t]
 
 

@@ -3,9 +3,10 @@
 Settled against the official code (sdc17/CrossGET, ``clip/reducer.py`` of its CLIP and CoOp
 folders); the cross-modal parts (the learned cross token, text guidance) are left out:
 
-- Similarity: cosine of the head-averaged keys, every token against every other; the diagonal and
-  the protected tokens are masked.
-- Importance: cosine between a token's key and the *guide token's* query. The official vision
+- Similarity: cosine of the in-projected keys with the heads concatenated (``[B, N, H·d]``, the
+  official code's ``k`` before the per-head reshape; not the head mean, which picks different
+  partners), every token against every other; the diagonal and the protected tokens are masked.
+- Importance: cosine between a token's key and the *guide token's* query, both heads concatenated. The official vision
   branch appends a cross token that starts as a copy of the CLS token plus a learned offset
   (zero-initialised); without that learned offset it is exactly the CLS token, so the guide here
   is token 0 (the CLS). Without protected tokens there is no guide: importance is 0 everywhere.
@@ -36,28 +37,36 @@ from tomec.errors import ConfigError
 from .common import check_dtype, descending_rank, inv_norm, resolve_impl
 from .matching import _check_metric, _cosine, _scoring_metric
 
-__all__ = ["crossget_match", "crossget_importance"]
+__all__ = ["crossget_match", "crossget_importance", "concat_heads"]
+
+
+def concat_heads(t: Tensor) -> Tensor:
+    """Keys or queries ``[B, H, N, d]`` with the heads side by side, ``[B, N, H·d]`` (the attention's
+    in-projection before its per-head reshape); ``[B, N, d]`` passes through."""
+    if t.dim() != 4:
+        return t
+    batch, heads, n, d = t.shape
+    return t.transpose(1, 2).reshape(batch, n, heads * d)
 
 
 def crossget_importance(metric: Tensor, query: Tensor, protected: int, guided: bool = True) -> Tensor:
     """Each token's importance: cosine of its metric with the guide token's (token 0's) query.
 
     Args:
-        metric, query: ``[B, N, d]``, or keys / queries ``[B, H, N, d]`` (summed over heads: the
-            cosine does not see the 1/H of a head mean).
+        metric, query: ``[B, N, d]``, or keys / queries ``[B, H, N, d]`` (heads concatenated).
 
     Returns:
         ``[B, N]`` in fp32 (fp64 for fp64 inputs); zeros when ``protected == 0`` (no guide) or
         ``guided=False`` (the unguided ablation).
     """
-    return _importance(_scoring_metric(metric), query, protected, guided)
+    return _importance(_scoring_metric(concat_heads(metric)), query, protected, guided)
 
 
 def _importance(m: Tensor, query: Tensor, protected: int, guided: bool) -> Tensor:
     """:func:`crossget_importance` on the scoring metric ``m [B, N, d]`` (already widened)."""
     if protected == 0 or not guided:
         return m.new_zeros(m.shape[:2])
-    guide = _scoring_metric(query[..., :1, :])  # [B, 1, d]: only the guide token's row
+    guide = _scoring_metric(concat_heads(query[..., :1, :]))  # [B, 1, H·d]: the guide's row only
     return _cosine(m, guide).squeeze(-1)
 
 
@@ -75,7 +84,8 @@ def crossget_match(
     """CrossGET's complete-graph matching and importance-weighted ensemble, as a destination map.
 
     Args:
-        metric: ``[B, N, d]`` similarity features, or the attention keys ``[B, H, N, d]``.
+        metric: ``[B, N, d]`` similarity features, or the attention keys ``[B, H, N, d]`` (heads
+            concatenated into ``[B, N, H·d]``).
         query: the queries, same layout as ``metric`` (only the guide token's row is read).
         r: tokens to remove, ``0 <= r <= (N - protected) // 2`` (the official code's cap).
         protected: leading tokens that never merge; the first one (CLS) guides the importance.
@@ -102,7 +112,7 @@ def crossget_match(
     sizes = torch.ones(batch, n, 1, device=device, dtype=dtype) if size is None else size
     if r == 0:  # every group a single token: the weights cancel
         return torch.arange(n, device=device).expand(batch, n), sizes, sizes
-    m = _scoring_metric(metric)
+    m = _scoring_metric(concat_heads(metric))
     importance = _importance(m, query, protected, guided)  # [B, N]
     if use_triton and m.dtype == torch.float32:  # fp64 stays PyTorch
         is_src, partner = _select_triton(m, importance, r, protected)
