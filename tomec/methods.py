@@ -192,22 +192,43 @@ register(
 # --- ToFu ---------------------------------------------------------------------------------------
 
 
-def _tofu_prunes(layer: int, num_layers: int) -> bool:
-    return layer < num_layers / 2
+def tofu_prunes(layer: int, num_layers: int, prune_blocks: Optional[int] = None) -> bool:
+    """Whether ToFu's block ``layer`` prunes (else it merges norm-preservingly).
+
+    ``prune_blocks=None`` is the public code's rule (PiToMe's ToFu port and the OpenToMe toolbox
+    merge when ``layer > L // 2``): blocks ``0 .. L // 2``, i.e. ``L // 2 + 1`` of them (7 of 12).
+    The paper states the principle (prune early, where the model is not linear in its inputs) but,
+    as far as we could read it, no block index; ``prune_blocks=k`` prunes blocks ``0 .. k - 1``
+    (``L // 2``: exactly the first half, tomec's rule before 0.2).
+    """
+    first_merging = num_layers // 2 + 1 if prune_blocks is None else prune_blocks
+    return layer < first_merging
 
 
-def _tofu_match(keys, r, protected, *, layer, num_layers, impl="torch"):
-    drop = _tofu_prunes(layer, num_layers)
+def _tofu_match(keys, r, protected, *, layer, num_layers, impl="torch", prune_blocks=None):
+    drop = tofu_prunes(layer, num_layers, prune_blocks)
     return ops.bipartite_match(keys, r, protected, drop_sources=drop, impl=impl)
+
+
+def _check_tofu(options: dict[str, Any]) -> dict[str, Any]:
+    k = options["prune_blocks"]
+    if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0):
+        raise ConfigError(
+            f"tofu: prune_blocks must be a block count >= 0 or None (blocks 0 .. L//2 prune, as the "
+            f"public code), got {k!r}"
+        )
+    return options
 
 
 register(
     Method(
         name="tofu",
-        summary="ToFu (WACV'24): ToMe's matching; prune in the first half, norm-preserving merge after",
+        summary="ToFu (WACV'24): ToMe's matching; early blocks prune, later ones merge norm-preservingly",
         match=_tofu_match,
+        options={"prune_blocks": None},
+        check=_check_tofu,
         layer_merge=lambda layer, num_layers, r, options: (
-            LayerMerge(r, n_dropped=r) if _tofu_prunes(layer, num_layers)
+            LayerMerge(r, n_dropped=r) if tofu_prunes(layer, num_layers, options.get("prune_blocks"))
             else LayerMerge(r, mode="norm_preserving")
         ),
     )
