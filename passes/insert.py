@@ -112,7 +112,7 @@ def insert_merges(gm: GraphModule, plan: Plan, config: TomecConfig, device_type:
                     bias = graph.call_function(ops.log_size_bias, (state.size, block.dtype))
             _add_bias(gm, block, bias, attn_impl)
             state.biased_blocks.append(block.index)
-        if r == 0:
+        if r == 0 and not method.reorders_at_r0:
             state.lines.append(f"block {block.index} ({block.path}): {n_in} tokens, no merge")
             continue
         if method.site == "block":
@@ -125,6 +125,8 @@ def insert_merges(gm: GraphModule, plan: Plan, config: TomecConfig, device_type:
         state.last_merge = step
         state.merged_blocks.append(block.index)
         line = f"block {block.index} ({block.path}): {n_in} -> {n_in - r} tokens (r={r})"
+        if r == 0:
+            line = f"block {block.index} ({block.path}): {n_in} tokens, reordered A then B (r=0)"
         state.lines.append(line)
         log.info("tomec: rewrote %s", line)
     return state

@@ -110,6 +110,20 @@ def test_other_methods_reach_their_kernels_on_cuda(method, op):
     assert op in {str(n.target) for n in aten.graph.nodes if n.op == "call_function"}
 
 
+def test_ltmp_block_removing_nothing_gets_its_reorder_on_cuda():
+    # a block with zero counts still permutes the tokens A then B: one merge op per block
+    gm, inputs = trace(make_model("test_vit", depth=3), images("test_vit", 2))
+    inputs, mode = as_fake_cuda(gm, inputs)
+    counts = {"merge": [0, 6, 3], "prune": [0, 2, 0]}
+    config = TomecConfig(method="ltmp", compiler="eager", method_options={"counts": counts})
+    result = rewrite(gm, inputs, config)
+    with mode:
+        aten = make_fx(result.gm)(*inputs)
+    targets = [str(n.target) for n in aten.graph.nodes if n.op == "call_function"]
+    assert targets.count("tomec.merge.default") == 3
+    assert result.report.blocks[0].endswith("reordered A then B (r=0)")
+
+
 @pytest.fixture
 def fresh_kernel_checks(monkeypatch):
     """No op marked broken and no compile cached by an earlier test."""

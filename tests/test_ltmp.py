@@ -79,7 +79,10 @@ def test_properties(n, protected):
         out, out_size = ops.merge(x, None, dest, n_out, n_dropped=p)
         assert out.shape == (2, n_out, 5) and torch.equal(out_size.sum((1, 2)), torch.full((2,), n - p).double())
         assert torch.equal(out[:, :protected], x[:, :protected])
-    assert torch.equal(ltmp_match(k, q, size, 0, 0, protected), torch.arange(n).expand(2, n))
+    idle = ltmp_match(k, q, size, 0, 0, protected)  # nothing removed: still A then B
+    assert torch.equal(idle, oracle.ltmp_match(k, q, size, 0, 0, protected))
+    assert torch.equal(idle, ops.bipartite_match(k, 0, protected))  # ToMe's order at r = 0
+    assert n <= protected + 2 or not torch.equal(idle, torch.arange(n).expand(2, n))
 
 
 def test_merged_tokens_are_not_pruned_in_the_same_block():
@@ -198,10 +201,47 @@ def test_compiled_equals_reference(fused, batch, prop_attn):
     assert ((st.source == -1).sum(-1) >= sum(c["prune"])).all()
 
 
+def _official_forward(model, x, counts, prop_attn, reorder_idle=True):
+    """Blocks by hand with the oracle's dest maps: every block rebuilds its tokens A then B, also
+    one that removes nothing (the official inference code), so later splits see that order."""
+    tokens, size = cal._embed(model, x), None
+    for layer, block in enumerate(model.blocks):
+        out, k, q, _ = cal._attention(block.attn, block.norm1(tokens), size if prop_attn else None)
+        tokens = tokens + block.ls1(out)
+        m, p = counts["merge"][layer], counts["prune"][layer]
+        if m + p == 0 and not reorder_idle:  # tomec's rule before: such a block left alone
+            tokens = tokens + block.ls2(block.mlp(block.norm2(tokens)))
+            continue
+        dest = oracle.ltmp_match(k, q, size, m, p, 1, scale=block.attn.scale, prop_attn=prop_attn)
+        tokens, size = ops.merge(tokens, size, dest, tokens.shape[1] - m - p, n_dropped=p)
+        tokens = tokens + block.ls2(block.mlp(block.norm2(tokens)))
+    return model.forward_head(model.norm(tokens))
+
+
+@pytest.mark.parametrize("prop_attn", [True, False])
+def test_block_removing_nothing_still_reorders(prop_attn):
+    # block 0 removes nothing, block 1 merges and prunes: its A/B split is over block 0's A-then-B
+    # order, not the patch order (the old code left block 0 alone: a different answer)
+    model = make_model("test_vit", True, depth=3).double()
+    c = {"merge": [0, 6, 0], "prune": [0, 3, 0]}
+    x = images("test_vit", 2).double()
+    torch._dynamo.reset()
+    be = tomec.backend(method="ltmp", counts=c, prop_attn=prop_attn, compiler="eager")
+    compiled = torch.compile(model, backend=be, fullgraph=True)
+    ref = reference.patch(copy.deepcopy(model), "ltmp", counts=c, prop_attn=prop_attn)
+    with torch.no_grad():
+        want = _official_forward(model, x, c, prop_attn)
+        got_ref, got = ref(x), compiled(x)
+        skipped = _official_forward(model, x, c, prop_attn, reorder_idle=False)
+    assert relative_error(got_ref, want) <= 1e-10 and relative_error(got, want) <= 1e-10
+    assert relative_error(skipped, want) > 1e-4  # the case separates the two rules
+    assert "block 0 (blocks.0): 101 tokens, reordered A then B (r=0)" in be.report()
+
+
 @pytest.mark.slow
 def test_inductor_equals_reference():
-    model = make_model("test_vit", True, depth=3)
-    counts = {"merge": [6, 4, 3], "prune": [4, 3, 2]}
+    model = make_model("test_vit", True, depth=4)
+    counts = {"merge": [0, 6, 4, 3], "prune": [0, 4, 3, 2]}  # block 0 only reorders
     x = images("test_vit", 2)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=tomec.backend(method="ltmp", counts=counts), fullgraph=True)

@@ -119,10 +119,9 @@ def threshold_forward(
                 scale=block.attn.scale, prop_attn=prop_attn,
             )
             m, p = int(m[0]), int(p[0])
-            if m + p:
-                dest = ltmp_match(k, q, size, m, p, protected, scale=block.attn.scale,
-                                  prop_attn=prop_attn)
-                x, size = ops.merge(x, size, dest, x.shape[1] - m - p, n_dropped=p)
+            # every block, also one that removes nothing: it reorders the tokens A then B
+            dest = ltmp_match(k, q, size, m, p, protected, scale=block.attn.scale, prop_attn=prop_attn)
+            x, size = ops.merge(x, size, dest, x.shape[1] - m - p, n_dropped=p)
             per_block.append((m, p))
             x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         weight = x.new_ones(x.shape[:2]) if size is None else size[..., 0]

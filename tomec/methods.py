@@ -75,6 +75,9 @@ class Method:
     # Methods that reduce only at some blocks (ATC, FPET): (num_layers, options) -> block indices;
     # the schedule spreads r over those blocks only (tomec.schedule.resolve(blocks=...)).
     reduction_blocks: Optional[Callable[[int, Mapping[str, Any]], list[int]]] = None
+    # The step also runs at blocks whose schedule entry is 0: it still reorders the tokens (LTMP's
+    # official inference rebuilds every block's sequence as A then B), which changes later splits.
+    reorders_at_r0: bool = False
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overridden by ``options``; unknown names are an error that lists the valid ones."""
@@ -602,6 +605,7 @@ register(
         check=_check_ltmp,
         schedule=_ltmp_schedule,
         schedule_option="counts",
+        reorders_at_r0=True,
         layer_merge=lambda layer, num_layers, r, options: LayerMerge(
             r, n_dropped=_ltmp_pruned(layer, r, options)
         ),

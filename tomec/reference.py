@@ -108,7 +108,7 @@ def _block_forward(
     attn_in = self.norm1(x)
     attn_out, k, q = self.attn(attn_in, size=size, attn_mask=attn_mask, is_causal=is_causal)
     x = x + self.drop_path1(self.ls1(attn_out))
-    if r > 0 and method.site == "attention":
+    if (r > 0 or method.reorders_at_r0) and method.site == "attention":
         x, st.size, st.source = merge_step(
             x, st.size, st.source, k, q, method=method.name, r=r, protected=st.protected,
             layer=layer, num_layers=st.num_layers, scale=self.attn.scale,

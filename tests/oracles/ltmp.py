@@ -18,8 +18,13 @@ def ltmp_match(keys, q, size, n_merge, n_prune, protected, scale=None, prop_attn
     """``dest [B, N]``: ToMe's merge of ``n_merge``; then the ``n_prune`` least important tokens
     that are neither protected nor part of a merge are dropped (ties: the higher index first)."""
     metric = keys.sum(1) if keys.dim() == 4 else keys
-    if n_merge + n_prune == 0:
-        return torch.arange(metric.shape[1]).expand(metric.shape[0], -1).clone()
+    if n_merge + n_prune == 0:  # still rebuilt as A then B (protected first), as every block
+        n = metric.shape[1]
+        order = list(range(protected)) + [i for i in range(protected, n) if i % 2 == 0] + [
+            i for i in range(protected, n) if i % 2 == 1
+        ]
+        dest = [order.index(i) for i in range(n)]
+        return torch.tensor([dest] * metric.shape[0], dtype=torch.int64)
     merged = tome_bipartite(metric, n_merge, protected)
     if n_prune == 0:
         return merged

@@ -6,6 +6,10 @@ merges into its best partner, ToMe's bipartite rule; then every token whose impo
 attention it receives (softmax with the ``log(size)`` bias, averaged over heads and over all
 queries), is at most the prune threshold is dropped. The CLS token is never pruned.
 
+Every block rebuilds its sequence as A then B, also when it removes nothing (the official code
+concatenates the unmerged A tokens and the B tokens in every block): the next block's A/B split
+sees that order, so a block with zero counts is a permutation, not the identity.
+
 tomec compiles a static graph, so a block removes fixed counts: ``n_merge`` by ToMe's rule (the
 ``n_merge`` best scores: the same tokens a threshold at the ``n_merge``-th score would pick) and
 ``n_prune`` by importance. One deviation keeps the number of dropped tokens static (``ops.merge``
@@ -28,7 +32,7 @@ from .attention import attention_received
 from .common import descending_rank
 from .matching import _cosine, _interleave, _scoring_metric, bipartite_match
 
-__all__ = ["ltmp_match", "ltmp_threshold_counts", "ltmp_prune_cap"]
+__all__ = ["ltmp_match", "ltmp_threshold_counts", "ltmp_prune_cap", "ab_order"]
 
 
 def ltmp_prune_cap(n: int, protected: int, n_merge: int) -> int:
@@ -86,13 +90,13 @@ def ltmp_match(
         importance: ``[B, N]`` precomputed importance (else :func:`~tomec.ops.attention_received`).
 
     Returns:
-        ``dest [B, N]`` int64 in ``[0, N - n_merge - n_prune)``, ``-1`` for the pruned tokens; the
-        identity when nothing is removed.
+        ``dest [B, N]`` int64 in ``[0, N - n_merge - n_prune)``, ``-1`` for the pruned tokens; when
+        nothing is removed, the A-then-B permutation (:func:`ab_order`).
     """
     batch, n = keys.shape[0], keys.shape[-2]
     _check_counts(n, protected, n_merge, n_prune)
-    if n_merge + n_prune == 0:  # nothing removed: leave the order alone (as pitome_match)
-        return torch.arange(n, device=keys.device).expand(batch, n)
+    if n_merge + n_prune == 0:
+        return ab_order(n, protected, keys.device).expand(batch, n)
     dest = bipartite_match(keys, n_merge, protected, impl=impl)
     if n_prune == 0:
         return dest
@@ -117,6 +121,19 @@ def ltmp_match(
     ) > 0
     new_slot = (~slot_pruned).cumsum(-1) - 1
     return torch.where(pruned, torch.full_like(dest, -1), new_slot.gather(1, dest))
+
+
+def ab_order(n: int, protected: int, device: Optional[torch.device] = None) -> Tensor:
+    """The slots of a block that removes nothing: the protected tokens first, then the other even
+    positions (A), then the other odd ones (B), each in order; ``[N]`` int64, a permutation (ToMe's
+    output order at r = 0, which needs no scores)."""
+    position = torch.arange(n, device=device)
+    n_a_free = (n + 1) // 2 - (protected + 1) // 2
+    is_a = position % 2 == 0
+    free = position >= protected
+    slot_a = protected + (is_a & free).cumsum(0) - 1
+    slot_b = protected + n_a_free + (~is_a & free).cumsum(0) - 1
+    return torch.where(free, torch.where(is_a, slot_a, slot_b), position)
 
 
 def _best_partner(metric: Tensor, protected: int) -> tuple[Tensor, Tensor]:
