@@ -31,7 +31,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from tomec import kernels, methods
+from tomec import kernels, methods, ops
 from tomec.kernels import aot
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -100,6 +100,8 @@ def _layers(name: str, options: dict) -> list[int]:
     """Blocks that take every branch of the method: its first reduction block (no sizes yet, no
     source map) and a later one (sizes and source map threaded)."""
     spec = methods.get(name)
+    if name == "atc":  # all three reduction blocks: one per linkage (the kernel's LINKAGE variants)
+        return spec.reduction_blocks(NUM_LAYERS, options)
     if spec.reduction_blocks is not None:
         return spec.reduction_blocks(NUM_LAYERS, options)[:2]
     return [0, NUM_LAYERS - 1]
@@ -132,10 +134,12 @@ def step_calls(name: str, shape: Shape, device: str = "meta") -> list[tuple[tupl
             size = tensor(b, n, 1).abs() + 1 if real else tensor(b, n, 1)
             source = (torch.arange(n, device=device).expand(b, n).contiguous() if real
                       else tensor(b, n, dtype=torch.int64))
+        call_options = {o: v for o, v in options.items() if o not in spec.param_options}
+        if name == "atc":
+            call_options["linkage"] = ops.LINKAGES[i]
         kwargs = dict(
             method=name, r=r, protected=PROTECTED, layer=layer, num_layers=NUM_LAYERS,
-            scale=d ** -0.5, trace_source=True, impl="triton",
-            options={o: v for o, v in options.items() if o not in spec.param_options},
+            scale=d ** -0.5, trace_source=True, impl="triton", options=call_options,
         )
         if "attn_in" in spec.inputs:
             kwargs["attn_in"] = x

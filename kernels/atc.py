@@ -173,6 +173,7 @@ def _atc_cluster_kernel(
     stride_ot,
     IS_F64: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    LINKAGE: tl.constexpr,  # 0 average, 1 complete, 2 single
 ):
     img = tl.program_id(0).to(tl.int64)
     DT: tl.constexpr = sums_ptr.dtype.element_ty
@@ -225,13 +226,20 @@ def _atc_cluster_kernel(
         # Lance-Williams on the sums: S(i∪j, c) = S(i, c) + S(j, c); linkage S / (|i∪j|·|c|). The
         # merged rows' live columns: not i, not j (i == j: no finite pair, rows i and j all inf).
         merging = alive & ~is_i & ~is_j & (i != j)
-        merged = tl.where(merging, (s_i + s_j).to(DT).to(WIDE), inf_row)
-        prod = (count_m * count).to(DT).to(WIDE)
-        if IS_F64:
-            quot = merged / prod
-        else:
-            quot = tl.math.div_rn(merged, prod)
-        link_i = tl.where(merging, quot.to(DT).to(WIDE), inf_row)
+        if LINKAGE == 0:
+            merged = tl.where(merging, (s_i + s_j).to(DT).to(WIDE), inf_row)
+            prod = (count_m * count).to(DT).to(WIDE)
+            if IS_F64:
+                quot = merged / prod
+            else:
+                quot = tl.math.div_rn(merged, prod)
+            link_i = tl.where(merging, quot.to(DT).to(WIDE), inf_row)
+        else:  # complete / single: Lance-Williams max / min of the linkages (no rounding)
+            if LINKAGE == 1:
+                merged = tl.where(merging, tl.maximum(s_i, s_j), inf_row)
+            else:
+                merged = tl.where(merging, tl.minimum(s_i, s_j), inf_row)
+            link_i = merged
         tl.store(sums + s * T + cols, merged.to(DT), mask=merging)
         tl.store(link + s * T + cols, link_i.to(DT), mask=merging)
         count = tl.where(is_j, 0.0, tl.where(is_i, count_m, count))
@@ -275,17 +283,24 @@ def _num_warps(block_t: int) -> int:
     return 4 if block_t <= 256 else 8 if block_t <= 1024 else 16
 
 
+LINKAGES = ("average", "complete", "single")  # the kernel's LINKAGE code is the index
+
+
 def launch_atc_cluster(
-    dist: torch.Tensor, n_merges: int, out: torch.Tensor, block_r: Optional[int] = None
+    dist: torch.Tensor, n_merges: int, out: torch.Tensor, block_r: Optional[int] = None,
+    linkage: str = "average",
 ) -> None:
-    """Fill ``out [B, T]`` (int64) with the labels of ``n_merges`` average-linkage merge steps on
-    ``dist [B, T, T]`` (upper triangle read), as ``tomec::atc_cluster`` computes them.
+    """Fill ``out [B, T]`` (int64) with the labels of ``n_merges`` merge steps of ``linkage``
+    (average, complete or single) on ``dist [B, T, T]`` (upper triangle read), as
+    ``tomec::atc_cluster`` computes them.
     ``block_r``: rows per program of the row-minima launch (a power of two; default: tiles of at
     most 4096 elements, at least ~2 programs per SM of an H100-class GPU where the rows allow)."""
     if dist.dim() != 3 or dist.shape[1] != dist.shape[2]:
         raise ValueError(f"dist must be [B, T, T], got {list(dist.shape)}")
     if dist.dtype not in DTYPES:
         raise ValueError(f"dist must be one of {DTYPES}, got {dist.dtype}")
+    if linkage not in LINKAGES:
+        raise ValueError(f"linkage must be one of {LINKAGES}, got {linkage!r}")
     batch, t, _ = dist.shape
     if t > MAX_T:
         raise ValueError(f"the ATC kernel supports T <= {MAX_T}, got {t}")
@@ -314,18 +329,19 @@ def launch_atc_cluster(
     wrap_triton(_atc_cluster_kernel)[(batch,)](
         dist, sums, link, rmin, rarg, out, t, n_merges, log2_ceil(n_merges),
         dist.stride(0), dist.stride(1), dist.stride(2), sums.stride(0), out.stride(0), out.stride(1),
-        IS_F64=dist.dtype == torch.float64, BLOCK_T=block_t, num_warps=_num_warps(block_t),
+        IS_F64=dist.dtype == torch.float64, BLOCK_T=block_t, LINKAGE=LINKAGES.index(linkage),
+        num_warps=_num_warps(block_t),
     )
 
 
 @triton_op("tomec::atc_cluster_triton", mutates_args=())
-def atc_cluster_triton(dist: torch.Tensor, n_merges: int) -> torch.Tensor:
+def atc_cluster_triton(dist: torch.Tensor, n_merges: int, linkage: str) -> torch.Tensor:
     """``dist [B, T, T]`` ``-> [B, T]`` int64: ``tomec::atc_cluster`` as two Triton launches."""
     out = torch.empty(dist.shape[0], dist.shape[1], device=dist.device, dtype=torch.int64)
-    launch_atc_cluster(dist, n_merges, out)
+    launch_atc_cluster(dist, n_merges, out, linkage=linkage)
     return out
 
 
 @atc_cluster_triton.register_fake
-def _(dist: torch.Tensor, n_merges: int) -> torch.Tensor:
+def _(dist: torch.Tensor, n_merges: int, linkage: str) -> torch.Tensor:
     return dist.new_empty(dist.shape[:2], dtype=torch.int64)

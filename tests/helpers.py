@@ -110,7 +110,8 @@ def check_parity(name, fused, batch, prop_attn=True, compiler="eager", method="t
     r = R[name] if r is None else r
     compiled, be = compile_tomec(model, method=method, r=r, prop_attn=prop_attn, compiler=compiler,
                                  trace_source=trace_source, **kwargs)
-    ref = reference_of(model, method=method, r=r, prop_attn=prop_attn, trace_source=trace_source)
+    ref = reference_of(model, method=method, r=r, prop_attn=prop_attn, trace_source=trace_source,
+                       **kwargs)  # the same method options on both sides
     with torch.no_grad():
         out, expect, plain = compiled(x), ref(x), model(x)
     st = reference.state(ref)

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 import tomec
-from tests.helpers import check_parity, tie_metric
+from tests.helpers import (
+    TOLERANCE, check_parity, compile_tomec, images, make_model, reference_of, relative_error, tie_metric,
+)
+from tomec import reference
 from tests.oracles import atc as atc_oracle
 from tests.oracles import tome as tome_oracle
 from tomec import methods
@@ -27,42 +30,63 @@ def _metric(batch, n, seed, d=6):
     return torch.randn(batch, n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
+LINKAGES = ["average", "complete", "single"]
+
+
+@pytest.mark.parametrize("linkage", LINKAGES)
 @pytest.mark.parametrize("n,protected", SHAPES)
-def test_equals_oracle(n, protected):
+def test_equals_oracle(n, protected, linkage):
     metric = _metric(2, n, seed=n)
     for r in rs(n, protected):
-        assert torch.equal(atc_match(metric, r, protected), atc_oracle.atc_match(metric, r, protected)), r
+        got = atc_match(metric, r, protected, linkage=linkage)
+        assert torch.equal(got, atc_oracle.atc_match(metric, r, protected, linkage)), r
 
 
+@pytest.mark.parametrize("linkage", LINKAGES)
 @pytest.mark.parametrize("n,protected", [(11, 1), (16, 0), (13, 3)])
-def test_ties_equal_oracle(n, protected):
+def test_ties_equal_oracle(n, protected, linkage):
     # 0/1 tokens with four ones: distances are multiples of 1/4 and every linkage sum is exact, so
     # linkages tie exactly and only the (i, j) order decides
     metric = tie_metric(3, n, seed=n)
     for r in rs(n, protected):
-        assert torch.equal(atc_match(metric, r, protected), atc_oracle.atc_match(metric, r, protected)), r
+        got = atc_match(metric, r, protected, linkage=linkage)
+        assert torch.equal(got, atc_oracle.atc_match(metric, r, protected, linkage)), r
+
+
+def test_linkages_differ():
+    # a chain 0 - 1 - 2 at unit steps and a pair 3, 4 at 1.5: single linkage joins the chain first
+    # (its clusters are 1 apart), complete linkage the pair (the chain's ends are 2 apart)
+    pos = torch.tensor([0.0, 1.0, 2.0, 10.0, 11.5], dtype=torch.float64)
+    dist = (pos.view(-1, 1) - pos.view(1, -1)).abs()[None]
+    assert atc_cluster(dist, 2, "single").tolist() == [[0, 0, 0, 1, 2]]
+    assert atc_cluster(dist, 2, "complete").tolist() == [[0, 0, 1, 2, 2]]
+    # average: the chain's 1.5 ties the pair's 1.5; the smaller pair (0, 2) wins
+    assert atc_cluster(dist, 2, "average").tolist() == [[0, 0, 0, 1, 2]]
+    with pytest.raises(ConfigError, match="linkage must be one of average, complete, single"):
+        atc_match(torch.randn(1, 5, 4), 2, 1, linkage="ward")
 
 
 def test_tie_breaking_by_the_smallest_pair():
     # four identical points: every distance is 0, so merges go (0,1), (0,2), (0,3) in that order
     dist = torch.zeros(1, 4, 4, dtype=torch.float64)
-    assert atc_cluster(dist, 1).tolist() == [[0, 0, 1, 2]]
-    assert atc_cluster(dist, 2).tolist() == [[0, 0, 0, 1]]
+    assert atc_cluster(dist, 1, "average").tolist() == [[0, 0, 1, 2]]
+    assert atc_cluster(dist, 2, "average").tolist() == [[0, 0, 0, 1]]
     # points 2 and 3 tie with points 0 and 1 at distance 1; (0, 1) comes first in row-major order
     d = torch.tensor([[0, 1, 5, 5], [1, 0, 5, 5], [5, 5, 0, 1], [5, 5, 1, 0]], dtype=torch.float64)
-    assert atc_cluster(d[None], 1).tolist() == [[0, 0, 1, 2]]
-    assert atc_cluster(d[None], 2).tolist() == [[0, 0, 1, 1]]
+    assert atc_cluster(d[None], 1, "average").tolist() == [[0, 0, 1, 2]]
+    assert atc_cluster(d[None], 2, "average").tolist() == [[0, 0, 1, 1]]
 
 
+@pytest.mark.parametrize("linkage", LINKAGES)
 @pytest.mark.parametrize("n_clusters", [2, 5, 9, 17])
-def test_agrees_with_scikit_learn(n_clusters):
+def test_agrees_with_scikit_learn(n_clusters, linkage):
     from sklearn.cluster import AgglomerativeClustering
 
     metric = _metric(3, 24, seed=n_clusters, d=8)
-    dest = atc_match(metric, 24 - n_clusters, 0)
+    dest = atc_match(metric, 24 - n_clusters, 0, linkage=linkage)
     for b in range(3):
         labels = AgglomerativeClustering(
-            n_clusters=n_clusters, linkage="average", metric="cosine"
+            n_clusters=n_clusters, linkage=linkage, metric="cosine"
         ).fit(metric[b].numpy()).labels_
         # the same partition: the same pairs share a cluster
         ours = dest[b].view(-1, 1) == dest[b].view(1, -1)
@@ -103,7 +127,7 @@ def test_keys_are_averaged_over_heads_and_batch_is_independent():
 
 
 def test_custom_op_fake_and_dynamo():
-    torch.library.opcheck(torch.ops.tomec.atc_cluster.default, (torch.rand(2, 7, 7), 3))
+    torch.library.opcheck(torch.ops.tomec.atc_cluster.default, (torch.rand(2, 7, 7), 3, "average"))
     metric = torch.randn(2, 20, 8)
 
     def f(m):
@@ -119,6 +143,15 @@ def test_custom_op_fake_and_dynamo():
     out = torch.compile(f, backend=backend, fullgraph=True)(metric)
     assert torch.equal(out, f(metric))
     assert sum("atc_cluster" in t for t in graph_ops) == 1  # one node, not 9 unrolled steps
+
+
+def test_keep_rate_schedule_is_the_official_cluster_count():
+    # int(196 · ρ^k) clusters at the k-th reduction block (blocks 3, 6, 9 of DeiT's 12)
+    for rho, kept in [(0.9, [176, 158, 142]), (0.7, [137, 96, 67]), (0.5, [98, 49, 24]), (0.25, [49, 12, 3])]:
+        schedule = TomecConfig(method="atc", method_options={"keep_rate": rho}).resolve_schedule(12, 197, 1)
+        counts = [196 - sum(schedule[: b + 1]) for b in (3, 6, 9)]
+        assert counts == kept, rho
+        assert [i for i, v in enumerate(schedule) if v] == [3, 6, 9]
 
 
 def test_default_blocks_and_cap():
@@ -149,6 +182,14 @@ def test_default_blocks_and_cap():
          ScheduleError, r"block\(s\) \[7\] do not exist; the model has 6"),
         (lambda: TomecConfig(method="atc", r=100).resolve_schedule(6, 101, 1), ScheduleError,
          r"at most 99 of the 100 mergeable tokens"),
+        (lambda: TomecConfig(method="atc", r=5, method_options={"linkage": "ward"}), ConfigError,
+         "linkage must be one of average, complete, single, got 'ward'"),
+        (lambda: TomecConfig(method="atc", method_options={"keep_rate": 1.5}), ConfigError,
+         r"keep_rate must be a number in \(0, 1\], got 1.5"),
+        (lambda: TomecConfig(method="atc", r=5, method_options={"keep_rate": 0.5}), ConfigError,
+         "takes its schedule from its options"),
+        (lambda: TomecConfig(method="atc", method_options={"keep_rate": 0.1}).resolve_schedule(12, 197, 1),
+         ConfigError, r"keeps int\(196 \* 0.1\^3\) = 0 clusters at reduction block 9"),
     ],
 )
 def test_errors(call, error, match):
@@ -162,3 +203,17 @@ def test_model_parity(fused, batch, prop_attn):
     _, _, be, _, _ = check_parity("test_vit", fused, batch, prop_attn, method="atc", r=60,
                                   trace_source=True)
     assert be.schedule == [0, 30, 0, 20, 10, 0]
+
+
+def test_model_parity_complete_linkage_and_keep_rate():
+    # the DeiT setting of the official README: complete linkage, a keep rate (cluster counts)
+    _, _, be, _, _ = check_parity("test_vit", True, 2, True, method="atc", r=60, linkage="complete")
+    model = make_model("test_vit", True)
+    x = images("test_vit", 2)
+    compiled, be = compile_tomec(model, method="atc", r=None, linkage="single", keep_rate=0.7)
+    ref = reference_of(model, method="atc", linkage="single", keep_rate=0.7)
+    with torch.no_grad():
+        out, want, other = compiled(x), ref(x), reference_of(model, method="atc", keep_rate=0.7)(x)
+    assert be.schedule == reference.state(ref).schedule and be.tokens_per_block[-1] == 1 + int(100 * 0.7**3)
+    assert relative_error(out, want) <= TOLERANCE
+    assert relative_error(other, want) > 100 * TOLERANCE  # single and average linkage differ

@@ -38,7 +38,7 @@ def test_fake_functions_on_cuda(dtype):
             assert (pitome.shape, pitome.dtype, pitome.device.type) == ((4, 197), torch.int64, "cuda")
         source = torch.ops.tomec.compose_source(dest, dest)
         assert (source.shape, source.dtype) == ((4, 197), torch.int64)
-        labels = torch.ops.tomec.atc_cluster_triton(torch.empty(4, 196, 196, device="cuda", dtype=dtype), 20)
+        labels = torch.ops.tomec.atc_cluster_triton(torch.empty(4, 196, 196, device="cuda", dtype=dtype), 20, "average")
         assert (labels.shape, labels.dtype, labels.device.type) == ((4, 196), torch.int64, "cuda")
         # and through the op layer, as the passes call it
         assert ops.bipartite_match(metric, 20, 1, impl="triton").shape == (4, 197)

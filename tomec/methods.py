@@ -629,24 +629,43 @@ def _atc_blocks(num_layers: int, options: Mapping[str, Any]) -> list[int]:
     return ops.atc_default_blocks(num_layers) if blocks is None else list(blocks)
 
 
-def _atc_match(keys, r, protected, *, layer, num_layers, impl="torch", blocks=None):
-    return ops.atc_match(keys, r, protected, impl=impl)
+def _atc_match(keys, r, protected, *, layer, num_layers, impl="torch", blocks=None,
+               linkage="average", keep_rate=None):
+    return ops.atc_match(keys, r, protected, linkage=linkage, impl=impl)
+
+
+def _atc_schedule(options, num_layers, num_tokens, protected):
+    return ops.atc_keep_rate_schedule(
+        _atc_blocks(num_layers, options), num_layers, num_tokens, protected, options["keep_rate"]
+    )
 
 
 def _check_atc(options: dict[str, Any]) -> dict[str, Any]:
     if options["blocks"] is not None:  # the depth is checked when the schedule is resolved
         options["blocks"] = check_blocks(options["blocks"], None, "atc: blocks")
+    if options["linkage"] not in ops.LINKAGES:
+        raise ConfigError(
+            f"atc: linkage must be one of {', '.join(ops.LINKAGES)}, got {options['linkage']!r}"
+        )
+    rho = options["keep_rate"]
+    if rho is not None:
+        if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 0 < rho <= 1:
+            raise ConfigError(f"atc: keep_rate must be a number in (0, 1], got {rho!r}")
+        options["keep_rate"] = float(rho)
     return options
 
 
 register(
     Method(
         name="atc",
-        summary="ATC (ECCV'24): average-linkage agglomerative clustering at a few reduction blocks",
+        summary="ATC (ECCV'24): agglomerative clustering (average, complete or single linkage) at a "
+        "few reduction blocks",
         match=_atc_match,
         cap=atc_cap,
-        options={"blocks": None},
+        options={"blocks": None, "linkage": "average", "keep_rate": None},
         check=_check_atc,
+        schedule=_atc_schedule,
+        schedule_option="keep_rate",
         reduction_blocks=_atc_blocks,
         training="no: off the shelf (the merge is differentiable in the tokens; the clustering is not)",
     )

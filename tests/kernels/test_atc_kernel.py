@@ -31,11 +31,11 @@ def merges(t):
     return sorted({0, 1, t // 2, t - 1})
 
 
-def check(dist, r, block_r=None, partition=True):
+def check(dist, r, block_r=None, partition=True, linkage="average"):
     out = torch.full(dist.shape[:2], POISON, dtype=torch.int64)
-    launch_atc_cluster(dist, r, out, block_r=block_r)
+    launch_atc_cluster(dist, r, out, block_r=block_r, linkage=linkage)
     assert (out != POISON).all()  # every element written
-    expected = atc_cluster(dist, r)
+    expected = atc_cluster(dist, r, linkage)
     assert torch.equal(out, expected), (r, out, expected)
     t = dist.shape[1]
     assert not partition or all(set(row.tolist()) == set(range(t - r)) for row in out)  # T - r clusters, 0-based
@@ -179,4 +179,16 @@ def test_repeated_runs_and_tilings_give_the_same_labels():
         if first is None:
             first = out.clone()
         assert torch.equal(out, first), block_r
-    assert torch.equal(first, atc_cluster(dist, 23))
+    assert torch.equal(first, atc_cluster(dist, 23, "average"))
+
+
+@pytest.mark.parametrize("linkage", ["complete", "single"])
+@pytest.mark.parametrize("t,dtype", [(17, torch.float32), (23, torch.float16), (12, torch.float64)])
+def test_complete_and_single_linkage(t, dtype, linkage):
+    from tomec.kernels.atc import LINKAGES
+    from tomec.ops.atc import LINKAGES as OP_LINKAGES
+
+    assert LINKAGES == OP_LINKAGES  # the kernel's LINKAGE code is the index in this tuple
+    for dist in (random_dist(2, t, dtype, seed=t), integer_dist(2, t, dtype, seed=t)):
+        for r in merges(t):
+            check(dist, r, linkage=linkage)

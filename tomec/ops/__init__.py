@@ -12,7 +12,7 @@ Shapes: ``B`` batch, ``N`` tokens in, ``N_out`` tokens out, ``C`` channels, ``H`
 width, ``N0`` tokens entering the first block.
 """
 
-from .atc import atc_cluster, atc_default_blocks, atc_match
+from .atc import LINKAGES, atc_cluster, atc_default_blocks, atc_keep_rate_schedule, atc_match
 from .attention import (
     attention, attention_extra_dim, attention_flex, attention_received, combine_masks, log_size_bias,
 )
@@ -40,6 +40,8 @@ __all__ = [
     "attention_received",
     "atc_match",
     "atc_cluster",
+    "atc_keep_rate_schedule",
+    "LINKAGES",
     "atc_default_blocks",
     "dtem_match",
     "dtem_metric",

@@ -1,4 +1,7 @@
-"""ATC (Agglomerative Token Clustering, ECCV'24): average-linkage clustering as a destination map.
+"""ATC (Agglomerative Token Clustering, ECCV'24): agglomerative clustering as a destination map.
+
+Average (the default), complete or single linkage on the cosine distance, as the official code's
+``linkage=`` choice (its README trains DeiT with complete linkage).
 
 The clustering loop runs ``r`` merge steps, a static count; it lives in one custom op
 (``tomec::atc_cluster``, with a fake kernel) so that Dynamo/Inductor see one node per block instead
@@ -16,7 +19,29 @@ from tomec.errors import ConfigError
 from .common import check_dtype, resolve_impl
 from .matching import _cosine, _scoring_metric, key_metric
 
-__all__ = ["atc_match", "atc_cluster", "atc_default_blocks"]
+__all__ = ["atc_match", "atc_cluster", "atc_default_blocks", "atc_keep_rate_schedule", "LINKAGES"]
+
+LINKAGES = ("average", "complete", "single")
+
+
+def atc_keep_rate_schedule(blocks: list[int], num_layers: int, num_tokens: int, protected: int,
+                           keep_rate: float) -> list[int]:
+    """The official keep-rate schedule: reduction block ``k`` (1-based, in ``blocks`` order) keeps
+    ``int(T0 · ρ^k)`` clusters, ``T0 = num_tokens - protected`` (the patches; the protected tokens
+    are kept aside); returns the per-block counts removed (0 at the other blocks). An error names
+    the first block that would keep no cluster."""
+    t0 = num_tokens - protected
+    out, kept = [0] * num_layers, t0
+    for k, block in enumerate(blocks, start=1):
+        target = int(t0 * keep_rate**k)  # the official expression: num_patches * ratio ** (idx + 1)
+        if target < 1:
+            raise ConfigError(
+                f"atc: keep_rate={keep_rate} keeps int({t0} * {keep_rate}^{k}) = {target} clusters at "
+                f"reduction block {block}; at least 1 must remain"
+            )
+        out[block] = max(kept - target, 0)  # the count never grows
+        kept = min(kept, target)
+    return out
 
 
 def atc_default_blocks(num_layers: int) -> list[int]:
@@ -27,12 +52,14 @@ def atc_default_blocks(num_layers: int) -> list[int]:
 
 
 @torch.library.custom_op("tomec::atc_cluster", mutates_args=())
-def atc_cluster(dist: Tensor, n_merges: int) -> Tensor:
-    """Average-linkage agglomerative clustering of ``T`` points, ``n_merges`` merge steps.
+def atc_cluster(dist: Tensor, n_merges: int, linkage: str) -> Tensor:
+    """Agglomerative clustering of ``T`` points, ``n_merges`` merge steps.
 
     Args:
         dist: ``[B, T, T]`` pairwise distances; only the upper triangle ``i < j`` is read.
         n_merges: merges to run, ``0 <= n_merges <= T - 1``; ``T - n_merges`` clusters remain.
+        linkage: ``"average"``, ``"complete"`` (the largest pairwise distance between two
+            clusters) or ``"single"`` (the smallest).
 
     Returns:
         ``[B, T]`` int64 cluster label of each point, clusters numbered by their lowest member.
@@ -43,7 +70,11 @@ def atc_cluster(dist: Tensor, n_merges: int) -> Tensor:
     Lance-Williams form on the *sums* of pairwise distances, ``S(A∪B, C) = S(A, C) + S(B, C)``, and
     read as ``S / (|A|·|C|)``: each linkage is one rounding of its exact sum, so linkages that are
     equal in exact arithmetic compare equal whenever the sums are exact, and ties break by index.
+    Complete and single linkage update by ``max`` / ``min`` (Lance-Williams), which round nothing:
+    each linkage is one of the distances.
     """
+    if linkage not in LINKAGES:
+        raise ValueError(f"atc_cluster: linkage must be one of {LINKAGES}, got {linkage!r}")
     batch, t, _ = dist.shape
     device = dist.device
     inf = torch.tensor(float("inf"), dtype=dist.dtype, device=device)
@@ -61,11 +92,14 @@ def atc_cluster(dist: Tensor, n_merges: int) -> Tensor:
     for _ in range(n_merges):
         flat = link.view(batch, t * t).argmin(-1)  # the first minimum in row-major order
         i, j = flat // t, flat % t  # i < j: the matrix is symmetric and its diagonal is inf
-        merged = sums[rows, i] + sums[rows, j]  # [B, T]; inf wherever either pair is dead
-        merged[rows, i] = inf
         count_i = count[rows, i] + count[rows, j]
+        if linkage == "average":
+            merged = sums[rows, i] + sums[rows, j]  # [B, T]; inf wherever either pair is dead
+        else:  # the linkages themselves; a dead column is inf in both rows, so min keeps it inf
+            merged = (torch.maximum if linkage == "complete" else torch.minimum)(sums[rows, i], sums[rows, j])
+        merged[rows, i] = inf
         count[rows, i] = count_i
-        merged_link = merged / (count_i.unsqueeze(-1) * count)
+        merged_link = merged / (count_i.unsqueeze(-1) * count) if linkage == "average" else merged
         sums[rows, i], sums[rows, :, i] = merged, merged
         link[rows, i], link[rows, :, i] = merged_link, merged_link
         sums[rows, j], sums[rows, :, j] = inf, inf
@@ -77,14 +111,16 @@ def atc_cluster(dist: Tensor, n_merges: int) -> Tensor:
 
 
 @atc_cluster.register_fake
-def _(dist: Tensor, n_merges: int) -> Tensor:
+def _(dist: Tensor, n_merges: int, linkage: str) -> Tensor:
     return dist.new_empty(dist.shape[:2], dtype=torch.int64)
 
 
-def atc_match(metric: Tensor, r: int, protected: int = 0, *, impl: str = "torch") -> Tensor:
+def atc_match(
+    metric: Tensor, r: int, protected: int = 0, *, linkage: str = "average", impl: str = "torch"
+) -> Tensor:
     """ATC's clustering of the non-protected tokens into ``T - r`` clusters, as a destination map.
 
-    Average-linkage agglomerative clustering on the cosine distance ``1 - cos`` of the metric,
+    Agglomerative clustering (``linkage``: average, complete or single) on the cosine distance ``1 - cos`` of the metric,
     stopped at exactly ``T - r`` clusters (``T = N - protected``); ties break toward the smallest
     ``(i, j)`` pair (see :func:`atc_cluster`). Output order: the protected tokens, then the
     clusters ordered by their lowest member index. Merge weights are the sizes (the shared
@@ -100,6 +136,8 @@ def atc_match(metric: Tensor, r: int, protected: int = 0, *, impl: str = "torch"
         ``dest``: ``[B, N]`` int64 in ``[0, N - r)``.
     """
     check_dtype(metric.dtype, "the merge metric")
+    if linkage not in LINKAGES:
+        raise ConfigError(f"ATC: linkage must be one of {', '.join(LINKAGES)}, got {linkage!r}")
     if metric.dim() not in (3, 4):
         raise ConfigError(f"metric must be [B, N, d] or keys [B, H, N, d], got {list(metric.shape)}")
     use_triton = resolve_impl(impl, metric.device, "atc_cluster_triton") == "triton"
@@ -122,7 +160,7 @@ def atc_match(metric: Tensor, r: int, protected: int = 0, *, impl: str = "torch"
     unit = _scoring_metric(metric[:, protected:].detach())  # fp32 at least: `1 - cos` decides merges
     dist = 1.0 - _cosine(unit, unit)
     if use_triton:  # the same labels, bit for bit, from one launch (kernels/atc.py)
-        labels = torch.ops.tomec.atc_cluster_triton(dist, r)
+        labels = torch.ops.tomec.atc_cluster_triton(dist, r, linkage)
     else:
-        labels = torch.ops.tomec.atc_cluster(dist, r)
+        labels = torch.ops.tomec.atc_cluster(dist, r, linkage)
     return torch.cat([head, protected + labels], dim=1)
