@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import tomec
-from tests.helpers import check_parity, tie_metric
+import copy
+
+from tests.helpers import check_parity, images, make_model, relative_error, tie_metric
 from tests.oracles import fpet as fpet_oracle
 from tests.oracles import tome as tome_oracle
 from tomec import methods
@@ -29,14 +31,83 @@ def test_equals_oracle(n, protected):
     for r in rs(n, protected):
         dest, w, size = fpet_match(metric, r, protected)
         assert torch.equal(dest, fpet_oracle.fpet_match(metric, r, protected)), r
-        assert w is None and size is None
+        assert w is None and (r == 0 or torch.equal(size, torch.ones(2, n, 1, dtype=metric.dtype)))  # no ties
 
 
 @pytest.mark.parametrize("n,protected", [(16, 0), (26, 1), (30, 5), (50, 1)])
 def test_ties_equal_oracle(n, protected):
     metric = tie_metric(3, n, seed=n)
     for r in rs(n, protected):
-        assert torch.equal(fpet_match(metric, r, protected)[0], fpet_oracle.fpet_match(metric, r, protected))
+        dest, _, size = fpet_match(metric, r, protected)
+        want, tied = fpet_oracle.fpet_match(metric, r, protected, with_tied=True)
+        assert torch.equal(dest, want)
+        if r == 0:
+            continue
+        # the official tie rule: a source whose two best scores are equal is dropped (size 0 here)
+        for b in range(3):
+            assert {i for i in range(n) if size[b, i, 0] == 0} == tied[b]
+        if r == fpet_cap(n, protected):
+            assert any(tied), "the case has ties"
+
+
+def test_a_tied_source_is_dropped_not_merged():
+    # token 1's two B candidates are equally similar: the official hard assignment (score > mean of
+    # the top two) picks neither, so it leaves the sequence without adding to any token
+    metric = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [1.0, -1.0], [0.0, 1.0]]], dtype=torch.float64)
+    # 2x2 grid after the CLS: A = positions 0, 3 (tokens 1, 4), B = positions 2, 1 (tokens 3, 2)
+    x = torch.arange(10, dtype=torch.float64).view(1, 5, 2)
+    out = tomec.methods.merge_step(x, None, None, metric, method="fpet", r=2, protected=1, layer=0,
+                                   num_layers=1)
+    assert out[1][0, :, 0].tolist() == [1.0, 1.0, 2.0]  # token 4 joined token 2; token 1 is gone
+    torch.testing.assert_close(out[0][0, 1], x[0, 3])
+    torch.testing.assert_close(out[0][0, 2], (x[0, 2] + x[0, 4]) / 2)
+
+
+def _adapter(d, seed=0, scale=0.5):
+    from tomec.fpet import FpetAdapter
+
+    adapter = FpetAdapter(d, seed=seed).double()
+    with torch.no_grad():  # a trained adapter's weights are far from the init's 1e-3
+        adapter.up.mul_(scale / 1e-3)
+    return adapter.eval()
+
+
+def test_adapter_changes_the_match_and_equals_the_oracle():
+    from tomec.fpet import load_adapter
+
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 2, 50, 8, dtype=torch.float64, generator=g)
+    weights = load_adapter(_adapter(8))
+    for r in (5, 24):
+        dest, _, _ = fpet_match(keys, r, 1, **weights)
+        assert torch.equal(dest, fpet_oracle.fpet_match(keys.mean(1), r, 1, weights["down"], weights["up"]))
+    assert not torch.equal(dest, fpet_match(keys, 24, 1)[0])  # the adapter changes partners
+
+
+def test_binarized_weights_are_the_official_ones(tmp_path):
+    from tomec.fpet import BINARY_LEVEL, FpetAdapter, binarize, load_adapter
+
+    w = torch.randn(32, 64, dtype=torch.float64)
+    want = w.std() * BINARY_LEVEL * torch.sign(w - w.mean()) + w.mean()
+    torch.testing.assert_close(binarize(w), want, rtol=1e-12, atol=1e-12)
+    assert abs(BINARY_LEVEL - 0.6744897501960817) < 1e-7  # Φ⁻¹(3/4), in fp32
+    adapter = FpetAdapter(16, seed=1)
+    path = adapter.save(tmp_path / "a.pt")
+    official = {"adapter_down.weight": adapter.down.detach(), "adapter_up.weight": adapter.up.detach()}
+    for form in (adapter, str(path), official):
+        got = load_adapter(form)
+        torch.testing.assert_close(got["down"], binarize(adapter.down.detach()))
+        torch.testing.assert_close(got["up"], binarize(adapter.up.detach()))
+    with pytest.raises(ConfigError, match="must hold 'down' and 'up'"):
+        load_adapter({"w": torch.zeros(2, 2)})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_adapter(str(tmp_path / "missing.pt"))
+    with pytest.raises(ConfigError, match=r"must be down \[h, d\] and up \[d, h\]"):
+        load_adapter({"down": torch.zeros(4, 8), "up": torch.zeros(4, 8)})
+    with pytest.raises(ConfigError, match="8-wide keys, the model's attention heads are 32 wide"):
+        tomec.reference.patch(make_model("test_vit"), "fpet", r=50, adapter=FpetAdapter(8))(images("test_vit", 1))
+    with pytest.warns(UserWarning, match="no refinement adapter given"):
+        TomecConfig(method="fpet", r=50)
 
 
 def test_checkerboard_split_and_cap():
@@ -68,25 +139,28 @@ def test_properties(n, protected):
     assert torch.equal(fpet_match(metric, 0, protected)[0], torch.arange(n).expand(3, n))
 
 
-def test_straight_through_forward_is_the_hard_merge_and_the_metric_gets_a_gradient():
+def test_straight_through_forward_is_the_hard_merge_and_the_adapter_gets_a_gradient():
+    from tomec.fpet import load_adapter
+
     g = torch.Generator().manual_seed(0)
     n, protected, r = 50, 1, 20
     keys = torch.randn(2, 3, n, 8, generator=g)
     x = torch.randn(2, n, 16, generator=g)
     size = torch.randint(1, 3, (2, n, 1), generator=g).float()
+    weights = {k: v.float() for k, v in load_adapter(_adapter(8)).items()}
 
-    def step(keys):
+    def step(params):
         return tomec.methods.merge_step(x, size, None, keys, method="fpet", r=r, protected=protected,
-                                        layer=6, num_layers=12)
+                                        layer=6, num_layers=12, params=params)
 
     with torch.no_grad():
-        hard_x, hard_size, _ = step(keys)
-    leaf = keys.clone().requires_grad_(True)
+        hard_x, hard_size, _ = step(weights)
+    leaf = {k: v.clone().requires_grad_(True) for k, v in weights.items()}
     soft_x, soft_size, _ = step(leaf)
     assert torch.equal(soft_x, hard_x) and torch.equal(soft_size, hard_size)  # bit for bit
     (soft_x * torch.randn(soft_x.shape, generator=g)).sum().backward()
-    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
-    assert torch.isfinite(leaf.grad).all()
+    for t in leaf.values():  # the keys are detached, as in the official code: only the adapter learns
+        assert t.grad is not None and t.grad.abs().sum() > 0 and torch.isfinite(t.grad).all()
 
 
 def test_default_block_and_option():
@@ -125,5 +199,26 @@ def test_model_parity(fused, batch, prop_attn):
     assert be.schedule == [0, 0, 0, 50, 0, 0]
 
 
-def test_default_block_is_the_middle_one():
+def test_model_parity_with_an_adapter():
+    adapter = _adapter(32, seed=2).float()
+    _, _, be, _, _ = check_parity("test_vit", True, 2, True, method="fpet", r=50, adapter=adapter)
+    assert be.schedule == [0, 0, 0, 50, 0, 0]
+
+
+def test_training_forward_is_the_hard_merge_and_training_moves_the_adapter():
+    from tomec.fpet import soft_forward, train_adapter
+
+    model = make_model("test_vit")
+    x = images("test_vit", 4)
+    adapter = _adapter(32, seed=4).float()
+    ref = tomec.reference.patch(copy.deepcopy(model), "fpet", r=50, adapter=adapter)
+    with torch.no_grad():
+        want, got = ref(x), soft_forward(model, x, adapter)
+    assert relative_error(got, want) <= 1e-5  # the dense straight-through merge's forward values
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(0))
+    xs = images("test_vit", 16)
+    trained = train_adapter(model, (xs, y), steps=3, batch_size=8, progress=False)
+    start = train_adapter(model, (xs, y), steps=1, batch_size=8, lr=0.0, progress=False)
+    assert not torch.equal(trained.down, start.down)
+    assert all(not p.requires_grad for p in model.parameters()) is False  # the backbone is restored
     assert methods.get("fpet").reduction_blocks(6, {"block": None}) == [3]

@@ -681,29 +681,48 @@ def _fpet_blocks(num_layers: int, options: Mapping[str, Any]) -> list[int]:
     return [num_layers // 2 if block is None else block]
 
 
-def _fpet_match(keys, r, protected, *, layer, num_layers, size, impl="torch", block=None):
-    return ops.fpet_match(keys, r, protected, size=size, impl=impl)
+def _fpet_match(keys, r, protected, *, layer, num_layers, size, impl="torch", block=None,
+                down=None, up=None):
+    return ops.fpet_match(keys, r, protected, size=size, down=down, up=up, impl=impl)
+
+
+def _fpet_params(options, *, layer, num_layers, channels, head_dim):
+    weights = options["adapter"]
+    if weights is None:
+        return {}
+    if weights["down"].shape[1] != head_dim:
+        raise ConfigError(
+            f"fpet: the adapter takes {weights['down'].shape[1]}-wide keys, the model's attention "
+            f"heads are {head_dim} wide"
+        )
+    return dict(weights)
 
 
 def _check_fpet(options: dict[str, Any]) -> dict[str, Any]:
+    from .fpet import check_adapter
+
     block = options["block"]
     if block is not None and (isinstance(block, bool) or not isinstance(block, numbers.Integral) or block < 0):
         raise ConfigError(f"fpet: block must be a block index >= 0 or None (the middle one), got {block!r}")
-    return options
+    return {**options, "adapter": check_adapter(options["adapter"])}
 
 
 register(
     Method(
         name="fpet",
-        summary="FPET (CVPR'25): one checkerboard merge on the patch grid at one block",
+        summary="FPET (CVPR'25): one checkerboard merge on the patch grid at one block, on the keys "
+        "refined by a learned 1-bit adapter",
         match=_fpet_match,
         inputs=("size",),
         returns_weights=True,
         cap=ops.fpet_cap,
-        options={"block": None},
+        options={"block": None, "adapter": None},
         check=_check_fpet,
+        params=_fpet_params,
+        param_options=("adapter",),
         reduction_blocks=_fpet_blocks,
-        training="straight-through: hard merge forward, soft (softmax) assignment gradient to the keys",
+        training="the refinement adapter, backbone frozen (tomec.fpet.train_adapter, the official "
+        "straight-through rule); without adapter= the metric is the keys alone",
     )
 )
 

@@ -20,7 +20,7 @@ from .common import IMPLS, SUPPORTED_DTYPES, check_dtype, resolve_impl
 from .crossget import crossget_importance, crossget_match
 from .dct import dct_truncate
 from .dtem import dtem_match, dtem_metric, relaxed_topk, soft_merge
-from .fpet import fpet_cap, fpet_grid, fpet_match
+from .fpet import fpet_cap, fpet_grid, fpet_match, fpet_metric
 from .ltmp import ltmp_match, ltmp_prune_cap, ltmp_threshold_counts
 from .matching import bipartite_match, diffrate_match, key_metric, pitome_match
 from .mctf import mctf_match
@@ -50,6 +50,7 @@ __all__ = [
     "fpet_match",
     "fpet_cap",
     "fpet_grid",
+    "fpet_metric",
     "ltmp_match",
     "ltmp_prune_cap",
     "ltmp_threshold_counts",

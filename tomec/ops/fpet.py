@@ -14,7 +14,26 @@ from tomec.errors import ConfigError
 from .common import check_dtype, descending_rank, resolve_impl
 from .matching import _cosine, _scoring_metric, key_metric
 
-__all__ = ["fpet_match", "fpet_grid", "fpet_sides", "fpet_cap"]
+__all__ = ["fpet_match", "fpet_grid", "fpet_sides", "fpet_cap", "fpet_metric"]
+
+
+def fpet_metric(keys: Tensor, down: Optional[Tensor] = None, up: Optional[Tensor] = None) -> Tensor:
+    """FPET's merge metric: the head-mean keys ``k̄`` plus the refinement adapter's output,
+    ``k̄ + relu(k̄ · downᵀ) · upᵀ`` (the official adapter at the reduction block; its 1-bit weights
+    already in effective form, see :mod:`tomec.fpet`), ``k̄`` detached as there.
+
+    Args:
+        keys: ``[B, H, N, d]`` (or a ready ``[B, N, d]`` head mean).
+        down, up: ``[h, d]`` and ``[d, h]`` adapter weights, or None (no adapter: ``k̄`` alone).
+
+    Returns:
+        ``[B, N, d]`` in the keys' dtype.
+    """
+    k = (key_metric(keys) if keys.dim() == 4 else keys).detach()
+    if down is None:
+        return k
+    hidden = torch.nn.functional.relu(k @ down.to(k.dtype).transpose(0, 1))
+    return k + hidden @ up.to(k.dtype).transpose(0, 1)
 
 
 def fpet_grid(num_tokens: int, protected: int) -> int:
@@ -66,36 +85,47 @@ def fpet_match(
     protected: int = 0,
     *,
     size: Optional[Tensor] = None,
+    down: Optional[Tensor] = None,
+    up: Optional[Tensor] = None,
     impl: str = "torch",
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """FPET's checkerboard merge, as a destination map with straight-through merge weights.
 
     The ``T = N - protected`` patches form a square grid; A = (even row, even col) ∪ (odd row, odd
     col), B = the rest (orders: :func:`fpet_sides`). Each A token's best B partner by cosine
-    similarity (ties: the lower B index); the ``r`` A tokens with the best partner scores (ties: the
-    lower A index) merge into their partner, size-weighted. The official code also puts the CLS token
+    similarity on :func:`fpet_metric` (with the adapter ``down``/``up`` when given); the ``r`` A
+    tokens with the best partner scores (ties: the lower A index) merge into their partner,
+    size-weighted. The official tie rule: a source whose two best scores are equal (``hard = score >
+    mean of the top two`` picks no partner there) is dropped; to keep the shapes static it keeps a
+    slot's index in ``dest`` (its best partner's, the lowest B index) with merge weight 0 and size 0,
+    so it adds nothing (in a source map its patches stay with that partner). The official code also puts the CLS token
     in B but sets its scores to -inf, so protected tokens never merge there either: here they are
     simply left out of B. Output order: the protected tokens, the kept A tokens, then the B tokens,
     each in the official order (at ``r = |A|``, the official output up to where protected tokens sit).
 
-    Training (grad enabled and the metric requires grad): the forward is the hard merge bit for bit;
-    each source's weight is ``size · (1 + p − p.detach())`` with ``p`` the softmax over the B scores at
-    its chosen partner, so the gradient reaches the metric through that soft assignment.
+    Training (grad enabled and an adapter weight requires grad): the forward is the hard merge bit
+    for bit; each source's weight is ``size · (1 + p − p.detach())`` with ``p = sigmoid(score − mean
+    of the top two)`` at its chosen partner, the official straight-through rule on that entry (the
+    official dense assignment also passes gradient through the other entries:
+    :func:`tomec.fpet.train_adapter` trains with it).
 
     Args:
-        metric: ``[B, N, d]``, or keys ``[B, H, N, d]`` (averaged over heads).
+        metric: keys ``[B, H, N, d]`` (averaged over heads), or a ready ``[B, N, d]``.
         r: tokens to remove, ``0 <= r <= |A|``.
         size: ``[B, N, 1]`` sizes entering the block, or None (all ones).
+        down, up: the refinement adapter's effective weights ``[h, d]``, ``[d, h]`` (or None).
 
     Returns:
-        ``dest [B, N]`` int64, merge weights ``w [B, N, 1]`` (None: the sizes), ``size`` unchanged.
+        ``dest [B, N]`` int64, merge weights ``w [B, N, 1]`` (None: the sizes), the sizes to sum
+        ``[B, N, 1]`` (None: the sizes; tied sources 0).
     """
     check_dtype(metric.dtype, "the merge metric")
     if metric.dim() not in (3, 4):
         raise ConfigError(f"metric must be [B, N, d] or keys [B, H, N, d], got {list(metric.shape)}")
     resolve_impl(impl, metric.device)  # validates; plain PyTorch on every device
-    if metric.dim() == 4:
-        metric = key_metric(metric)
+    if (down is None) != (up is None):
+        raise ConfigError("FPET: the refinement adapter needs both weights (down and up)")
+    metric = fpet_metric(metric, down, up)
     batch, n, _ = metric.shape
     if not 0 <= protected <= n:
         raise ConfigError(f"protected={protected} is outside [0, {n}] for {n} tokens")
@@ -114,8 +144,10 @@ def fpet_match(
     m = _scoring_metric(metric[:, protected:])
     wide = m.dtype
     scores = _cosine(m[:, pos_a], m[:, pos_b])
+    top2 = scores.topk(min(2, n_b), dim=-1).values  # [B, n_a, <=2]; differentiable
     best, partner = scores.detach().max(dim=-1)  # [B, n_a]; the first maximal index
     is_src = descending_rank(best) < r
+    tied = is_src & (top2[..., 0] == top2[..., -1]) if n_b > 1 else torch.zeros_like(is_src)
 
     slot_b = protected + (n_a - r) + torch.arange(n_b, device=device)
     slot_kept = protected - 1 + (~is_src).cumsum(-1)
@@ -126,13 +158,21 @@ def fpet_match(
     head = torch.arange(protected, device=device).expand(batch, protected)
     dest = torch.cat([head, tail], dim=1)
 
-    if not (torch.is_grad_enabled() and metric.requires_grad):
-        return dest, None, size
+    def per_token(a_values: Tensor, rest: float) -> Tensor:
+        """``[B, n_a]`` values of the A tokens -> ``[B, N, 1]`` at their positions (``rest`` elsewhere)."""
+        full = torch.cat([a_values, torch.full((batch, n_b), rest, device=device, dtype=a_values.dtype)], 1)
+        full = torch.cat([torch.full((batch, protected), rest, device=device, dtype=a_values.dtype),
+                          full[:, inverse]], 1)
+        return full.unsqueeze(-1)
+
+    sizes = torch.ones(batch, n, 1, device=device, dtype=metric.dtype) if size is None else size
+    keep = per_token((~tied).to(wide), 1.0).to(sizes.dtype)  # 0 for a tied (dropped) source
+    merge_size = sizes * keep  # exact: a product with 1 or 0
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (down, up))
+    if not training:
+        return dest, None, merge_size
     # Straight-through: p - p.detach() is exactly 0 forward, so w equals the sizes bit for bit.
-    p = scores.softmax(dim=-1).gather(-1, partner.unsqueeze(-1)).squeeze(-1)  # [B, n_a]
-    nudge = torch.where(is_src, p - p.detach(), torch.zeros_like(p))
-    nudge = torch.cat([nudge, torch.zeros(batch, n_b, device=device, dtype=wide)], 1)[:, inverse]
-    nudge = torch.cat([torch.zeros(batch, protected, device=device, dtype=wide), nudge], 1)
-    sizes = metric.new_ones(batch, n, 1) if size is None else size
-    w = sizes * (1.0 + nudge.unsqueeze(-1)).to(sizes.dtype)
-    return dest, w, size
+    p = torch.sigmoid(scores.gather(-1, partner.unsqueeze(-1)).squeeze(-1) - top2.mean(-1))
+    nudge = per_token(torch.where(is_src, p - p.detach(), torch.zeros_like(p)), 0.0)
+    w = sizes * keep * (1.0 + nudge).to(sizes.dtype)
+    return dest, w, merge_size
