@@ -222,3 +222,19 @@ def test_training_forward_is_the_hard_merge_and_training_moves_the_adapter():
     assert not torch.equal(trained.down, start.down)
     assert all(not p.requires_grad for p in model.parameters()) is False  # the backbone is restored
     assert methods.get("fpet").reduction_blocks(6, {"block": None}) == [3]
+
+
+def test_recorded_adapter_accuracy():
+    """The shipped adapter (seed 0) gives the accuracy and NLL bench/finetune_fpet.py recorded."""
+    import json
+
+    from tomec.bench import finetune_fpet
+    from tomec.bench.digits import digits_data, load_trained
+
+    recorded = json.loads(finetune_fpet.RESULT_FILE.read_text())
+    _, _, x_test, y_test = digits_data()
+    row = recorded["rows"][0]
+    assert row["seed"] == 0
+    scores = finetune_fpet.evaluate(load_trained(), x_test, y_test, adapter=finetune_fpet.ADAPTER)
+    assert scores["accuracy"] == pytest.approx(row["trained_adapter"]["accuracy"], abs=1e-9)
+    assert scores["nll"] == pytest.approx(row["trained_adapter"]["nll"], rel=1e-5)
