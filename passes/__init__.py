@@ -172,6 +172,8 @@ def rewrite(
             result.num_outputs, result.extra_outputs = _append_outputs(
                 gm, [inserted.source, inserted.size]
             )
+    if inserted.dead_code:
+        gm.graph.eliminate_dead_code()  # what a one-step-ahead block's merged branch replaced
     report.shape_literals = len(fix_shapes(gm, example_inputs, original))
     validate(gm, example_inputs)
     result.tokens_per_block = [int(gu.meta_shape(b.k)[2]) for b in plan.blocks]

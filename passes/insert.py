@@ -14,7 +14,7 @@ from torch.fx import GraphModule, Node
 from tomec import ops
 from tomec.config import TomecConfig
 from tomec.errors import ConfigError, UnsupportedModelError
-from tomec.methods import merge_step
+from tomec.methods import merge_step, merge_step_ahead
 
 from . import graph_utils as gu
 from .blocks import AttentionBlock
@@ -35,6 +35,7 @@ class Inserted:
     biased_blocks: list[int] = field(default_factory=list)
     attention_impl: str = ""
     lines: list[str] = field(default_factory=list)
+    dead_code: bool = False  # replaced nodes left in the graph (one-step-ahead branches)
 
 
 _ATTENTION = {"manual": ops.attention, "extra_dim": ops.attention_extra_dim, "flex": ops.attention_flex}
@@ -105,8 +106,10 @@ def insert_merges(gm: GraphModule, plan: Plan, config: TomecConfig, device_type:
     state = Inserted(attention_impl=attn_impl)
     bias: Optional[Node] = None
 
+    site = method.site_of(config.method_options)
     for block, r, n_in in zip(plan.blocks, plan.schedule, plan.tokens_in):
-        if state.size is not None and config.prop_attn:
+        ahead = site == "ahead" and r > 0
+        if state.size is not None and config.prop_attn and not ahead:  # ahead: the step biases
             if bias is None:
                 with graph.inserting_before(block.attn):
                     bias = graph.call_function(ops.log_size_bias, (state.size, block.dtype))
@@ -115,8 +118,12 @@ def insert_merges(gm: GraphModule, plan: Plan, config: TomecConfig, device_type:
         if r == 0 and not method.reorders_at_r0:
             state.lines.append(f"block {block.index} ({block.path}): {n_in} tokens, no merge")
             continue
-        if method.site == "block":
+        if site == "block":
             step = _insert_transform(gm, block, r, plan, method, impl)
+        elif ahead:
+            step = _insert_ahead_step(gm, block, r, plan, config, state, impl)
+            state.dead_code = True
+            bias = None
         else:
             step = _insert_merge_step(gm, block, r, plan, config, state, impl)
             bias = None  # the sizes changed
@@ -191,6 +198,45 @@ def _insert_merge_step(gm, block, r, plan, config, state, impl) -> Node:
         if config.trace_source:
             state.source = graph.call_function(operator.getitem, (step, 2))
     residual.replace_all_uses_with(x_out, delete_user_cb=lambda u: u is not step)
+    return step
+
+
+def _insert_ahead_step(gm, block, r, plan, config, state, impl) -> Node:
+    """One step ahead (MCTF): a ``merge_step_ahead`` call on the block's input, fed by the block's
+    own queries and keys on the unmerged tokens; then the block's attention branch again on the
+    merged tokens (a copy, its values from them) with the merged attention map applied to its
+    values in place of the attention, and the residual on the merged tokens. The unmerged branch
+    keeps only what computes q and k (the rest is dead: removed once every block is rewritten)."""
+    graph = gm.graph
+    residual, stream = block.residual, block.stream
+    branch = next(a for a in residual.args if isinstance(a, Node) and a is not stream)
+    method = config.method_spec
+    kwargs = {
+        "method": method.name, "r": r, "protected": plan.protected, "layer": block.index,
+        "num_layers": len(plan.blocks), "scale": block.scale, "prop_attn": config.prop_attn,
+        "trace_source": config.trace_source, "impl": impl, "options": dict(config.method_options),
+    }
+    # the attention branch: what lies between the block's input and the residual add
+    inside = gu.descendants(stream) & (gu.ancestors(branch, stop={stream}) | {branch})
+    copied = [n for n in graph.nodes if n in inside]
+    with graph.inserting_before(residual):
+        step = graph.call_function(
+            merge_step_ahead, (stream, state.size, state.source, block.k, block.q), kwargs
+        )
+        x_out = graph.call_function(operator.getitem, (step, 0))
+        state.size = graph.call_function(operator.getitem, (step, 1))
+        if config.trace_source:
+            state.source = graph.call_function(operator.getitem, (step, 2))
+        probs = graph.call_function(operator.getitem, (step, 3))
+        env: dict[Node, Node] = {stream: x_out}
+        for n in copied:
+            if n is block.out:
+                env[n] = graph.call_function(ops.apply_attention, (probs, env[block.v]))
+                env[n].meta.update({k: v for k, v in n.meta.items() if k != "val"})
+                continue
+            env[n] = graph.node_copy(n, lambda a: env.get(a, a))
+    residual.replace_input_with(stream, x_out)
+    residual.replace_input_with(branch, env[branch])  # the rest of the old branch is now dead
     return step
 
 

@@ -154,7 +154,7 @@ class _ShapeFixer(_NamingProp):
         src = n.args[0]
         # A node that replaced a traced one (SDPA written out for log size) carries its metadata.
         old_in = self.original.get(src) or gu.meta_shape(src, original=True)
-        old_out = self.original.get(n)
+        old_out = self.original.get(n) or gu.meta_shape(n, original=True)  # or a copy's
         value = self.env.get(src)
         if old_in is None or old_out is None or not isinstance(value, torch.Tensor):
             return

@@ -124,6 +124,16 @@ def test_ltmp_block_removing_nothing_gets_its_reorder_on_cuda():
     assert result.report.blocks[0].endswith("reordered A then B (r=0)")
 
 
+def test_mctf_one_step_ahead_on_cuda_replaces_the_merged_blocks_attention():
+    gm, inputs = trace(make_model("test_vit"), images("test_vit", 2))
+    inputs, mode = as_fake_cuda(gm, inputs)
+    result = rewrite(gm, inputs, TomecConfig(method="mctf", r=30, compiler="eager"))
+    targets = _aten_targets(result.gm, inputs, mode)
+    assert {"tomec.attention_received.default", "tomec.merge.default"} <= targets
+    sdpa = [n for n in result.gm.graph.nodes if "scaled_dot_product" in str(n.target)]
+    assert len(sdpa) == 1  # block 0's; blocks 1-5 apply their merged one-step-ahead maps
+
+
 @pytest.fixture
 def fresh_kernel_checks(monkeypatch):
     """No op marked broken and no compile cached by an earlier test."""
@@ -240,7 +250,9 @@ def test_sdpa_masks_are_in_the_query_dtype_and_shape(dtype, method):
     model = make_model("test_vit").to(dtype)
     gm, inputs = trace(model, images("test_vit", 2).to(dtype))
     inputs, _ = as_fake_cuda(gm, inputs)
-    result = rewrite(gm, inputs, TomecConfig(method=method, r=30, compiler="eager"))
+    # MCTF after the attention residual (one step ahead its merging blocks run no SDPA at all)
+    options = {"one_step_ahead": False} if method == "mctf" else {}
+    result = rewrite(gm, inputs, TomecConfig(method=method, r=30, compiler="eager", method_options=options))
     masked = [n for n in result.gm.graph.nodes
               if "scaled_dot_product" in str(n.target) and n.kwargs.get("attn_mask") is not None]
     assert len(masked) == 5  # every block after the first merge

@@ -184,7 +184,7 @@ def test_half_precision_returns_its_dtype():
 def test_defaults_are_the_official_deit_s_values():
     spec = methods.get("mctf")
     assert spec.check_options({}) == {"tau_sim": 1.0, "tau_info": 20.0, "tau_size": 40.0,
-                                      "bidirectional": True, "one_step_ahead": False}
+                                      "bidirectional": True, "one_step_ahead": True}
     assert spec.check_options({"tau_info": 0})["tau_info"] == 0.0
 
 
@@ -198,7 +198,6 @@ def test_defaults_are_the_official_deit_s_values():
         ({"tau_info": "20"}, "tau_info must be a finite number >= 0"),
         ({"bidirectional": 1}, "bidirectional must be True or False"),
         ({"one_step_ahead": 1}, "one_step_ahead must be True or False"),
-        ({"one_step_ahead": True}, "merges the block's input before its attention"),
         ({"tau": 1}, "method 'mctf' has no option 'tau'; its options are: bidirectional, one_step_ahead"),
     ],
 )
@@ -240,6 +239,82 @@ def test_model_parity_one_way_and_options():
     assert relative_error(out, other) > 1e-2  # the options reach the matcher
 
 
+
+
+def _official_forward(model, x, schedule, prop_attn):
+    """mlvlab/MCTF's ``one_step_ahead=1`` block by block, from the oracle's matches: at a merging
+    block, its attention on the unmerged tokens (with the log-size bias) picks the merge; tokens
+    merge with weights attention received × size, the attention map with them (key columns summed,
+    query rows weighted the same way), and the attention output is that map times the values of
+    the merged tokens."""
+    from tomec import calibrate as cal
+
+    tokens, size = cal._embed(model, x), None
+    for layer, block in enumerate(model.blocks):
+        r = schedule[layer]
+        bias = size if prop_attn else None
+        if r == 0:
+            out = cal._attention(block.attn, block.norm1(tokens), bias)[0]
+        else:
+            _, k, q, probs = cal._attention(block.attn, block.norm1(tokens), bias)
+            dest, recv = oracle.mctf_match(tokens, q, k, size, r, 1, 1.0, 20.0, 40.0, True,
+                                           scale=block.attn.scale, prop_attn=prop_attn)
+            n, n_out = tokens.shape[1], tokens.shape[1] - r
+            sizes = torch.ones(x.shape[0], n, 1, dtype=x.dtype) if size is None else size
+            w = torch.tensor(recv, dtype=x.dtype) * sizes[..., 0]  # [B, N]
+            member = (torch.tensor(dest).unsqueeze(1) == torch.arange(n_out).view(1, -1, 1)).to(x.dtype)
+            weighted = member * w.unsqueeze(1)  # [B, n_out, N]
+            tokens = (weighted @ tokens) / weighted.sum(-1, keepdim=True)
+            size = member @ sizes
+            cols = torch.einsum("bhqk,bok->bhqo", probs, member)
+            merged = torch.einsum("bon,bhnk->bhok", weighted, cols) / weighted.sum(-1)[:, None, :, None]
+            attn = block.attn
+            b, m, c = tokens.shape
+            v = attn.qkv(block.norm1(tokens)).reshape(b, m, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)[2]
+            out = attn.proj((merged @ v).transpose(1, 2).reshape(b, m, c))
+        tokens = tokens + block.ls1(out)
+        tokens = tokens + block.ls2(block.mlp(block.norm2(tokens)))
+    return model.forward_head(model.norm(tokens))
+
+
+@pytest.mark.parametrize("fused,prop_attn", [(True, True), (False, False)])
+def test_one_step_ahead_equals_the_official_forward(fused, prop_attn):
+    model = make_model("test_vit", fused, depth=4, img_size=96).double()  # 37 tokens
+    x = torch.randn(2, 3, 96, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    schedule = [0, 6, 6, 4]  # block 0 left alone, as the official DeiT setting
+    compiled, be = compile_tomec(model, method="mctf", schedule=schedule, compiler="eager",
+                                 prop_attn=prop_attn)
+    ref = reference_of(model, method="mctf", schedule=schedule, prop_attn=prop_attn)
+    after = reference_of(model, method="mctf", schedule=schedule, prop_attn=prop_attn,
+                         one_step_ahead=False)
+    with torch.no_grad():
+        want = _official_forward(model, x, schedule, prop_attn)
+        got, got_ref, other = compiled(x), ref(x), after(x)
+    assert relative_error(got_ref, want) <= 1e-10 and relative_error(got, want) <= 1e-10
+    assert relative_error(other, want) > 1e-4  # the site after the attention residual differs
+    assert be.tokens_per_block == [37, 37, 31, 25]
+
+
+def test_one_step_ahead_leaves_block_0_alone_and_costs_what_it_computes():
+    from tomec.config import TomecConfig
+    from tomec.flops import per_block_macs
+
+    assert TomecConfig(method="mctf", r=33).resolve_schedule(12, 197, 1)[0] == 0
+    assert TomecConfig(method="mctf", r=33, method_options={"one_step_ahead": False}).resolve_schedule(
+        12, 197, 1)[0] > 0
+    n, r, c = 197, 16, 384
+    m = n - r
+    want = 2 * n * c * c + n * n * c + 2 * m * c * c + m * m * c + 8 * m * c * c
+    assert per_block_macs(n, [r], c, 4.0, site="ahead") == [want]
+
+
+@pytest.mark.slow
+def test_one_step_ahead_inductor_equals_reference():
+    model, x = make_model("test_vit", depth=3), images("test_vit", 2)
+    compiled, be = compile_tomec(model, method="mctf", r=24)
+    ref = reference_of(model, method="mctf", r=24)
+    with torch.no_grad():
+        assert relative_error(compiled(x), ref(x)) <= TOLERANCE
 
 
 def test_tokens_receiving_no_attention_keep_finite_weights_in_half_precision():

@@ -25,10 +25,17 @@ def block_macs(n_in: Any, n_out: Any, dim: int, mlp_ratio: float = 4.0) -> Any:
 def per_block_macs(
     num_tokens: int, schedule: Sequence[int], dim: int, mlp_ratio: float = 4.0, site: str = "attention"
 ) -> list[int]:
-    """MACs of every block; ``site="block"``: the reduction follows the MLP (DCT)."""
+    """MACs of every block; ``site="block"``: the reduction follows the MLP (DCT); ``site="ahead"``:
+    at the block's input, one step ahead (MCTF): q, k and their map on the ``n`` unmerged tokens,
+    the values, the map's product and the output projection on the ``n - r`` merged ones."""
     out, n = [], num_tokens
     for r in schedule:
-        out.append(block_macs(n, n if site == "block" else n - r, dim, mlp_ratio))
+        if site == "ahead" and r > 0:
+            m = n - r
+            out.append(2 * n * dim * dim + n * n * dim + 2 * m * dim * dim + m * m * dim
+                       + int(2 * mlp_ratio * m * dim * dim))
+        else:
+            out.append(block_macs(n, n if site == "block" else n - r, dim, mlp_ratio))
         n -= r
     return out
 
@@ -113,7 +120,7 @@ def flops_report(
                          method_options=method_options, **backend_settings)
     protected = config.protect if isinstance(config.protect, int) else dims.protected
     plan = config.resolve_schedule(dims.num_blocks, dims.num_tokens, protected)
-    site = config.method_spec.site
+    site = config.method_spec.site_of(config.method_options)
     tokens, n = [], dims.num_tokens
     for v in plan:
         tokens.append(n)

@@ -25,7 +25,8 @@ from . import ops
 from .errors import ConfigError, ScheduleError
 from .schedule import CapFn, check_blocks, tome_cap
 
-__all__ = ["Method", "LayerMerge", "register", "get", "available", "merge_step", "MATCH_INPUTS"]
+__all__ = ["Method", "LayerMerge", "register", "get", "available", "merge_step", "merge_step_ahead",
+           "MATCH_INPUTS"]
 
 # Graph values a matcher may ask for besides the keys: the block's tokens after the attention
 # residual, the queries, the sizes entering the block, the attention's logit scale, the tokens
@@ -53,6 +54,10 @@ class Method:
     inputs: tuple[str, ...] = ()  # extra matcher inputs, from MATCH_INPUTS
     returns_weights: bool = False  # the matcher returns (dest, w, size)
     site: str = "attention"  # after the attention residual, or "block": after the MLP residual
+    # An option that moves the merge to the block's input, one step ahead (MCTF): the block's
+    # attention on the unmerged tokens picks the merge and, merged, replaces the attention (site
+    # "ahead"; :func:`merge_step_ahead`).
+    ahead_option: Optional[str] = None
     cap: CapFn = tome_cap
     options: Mapping[str, Any] = field(default_factory=dict)
     supports_source: bool = True
@@ -74,7 +79,7 @@ class Method:
     param_options: tuple[str, ...] = ()
     # Methods that reduce only at some blocks (ATC, FPET): (num_layers, options) -> block indices;
     # the schedule spreads r over those blocks only (tomec.schedule.resolve(blocks=...)).
-    reduction_blocks: Optional[Callable[[int, Mapping[str, Any]], list[int]]] = None
+    reduction_blocks: Optional[Callable[[int, Mapping[str, Any]], Optional[list[int]]]] = None
     # The step also runs at blocks whose schedule entry is 0: it still reorders the tokens (LTMP's
     # official inference rebuilds every block's sequence as A then B), which changes later splits.
     reorders_at_r0: bool = False
@@ -90,6 +95,10 @@ class Method:
             )
         merged = {**self.options, **options}
         return self.check(merged) if self.check else merged
+
+    def site_of(self, options: Mapping[str, Any]) -> str:
+        """Where the merge sits with these (checked) options: "attention", "block" or "ahead"."""
+        return "ahead" if self.ahead_option is not None and options.get(self.ahead_option) else self.site
 
     def owns_schedule(self, options: Mapping[str, Any]) -> bool:
         """Whether ``options`` (checked) define the schedule instead of ``r``/``schedule=``."""
@@ -157,6 +166,22 @@ def merge_step(
     Returns:
         ``x [B, N - r, C]``, ``size [B, N - r, 1]``, ``source [B, N0]`` (None without tracing).
     """
+    dest, w, merge_size, plan = _match(
+        x, size, keys, queries, method=method, r=r, protected=protected, layer=layer,
+        num_layers=num_layers, scale=scale, prop_attn=prop_attn, impl=impl, options=options,
+        attn_in=attn_in, params=params,
+    )
+    x, size = ops.merge(
+        x, merge_size, dest, x.shape[1] - r, w, n_dropped=plan.n_dropped, mode=plan.mode, impl=impl
+    )
+    if trace_source:
+        source = ops.compose_source(source, dest, impl=impl)
+    return x, size, source
+
+
+def _match(x, size, keys, queries, *, method, r, protected, layer, num_layers, scale, prop_attn, impl,
+           options, attn_in, params):
+    """The matcher's ``(dest, w, sizes to sum, LayerMerge)`` for one block."""
     spec = get(method)
     options = {k: v for k, v in (options or {}).items() if k not in spec.param_options}
     plan = spec.layer_merge(layer, num_layers, r, options)
@@ -168,12 +193,56 @@ def merge_step(
         **dict(params or {}), **options
     )
     dest, w, merge_size = found if spec.returns_weights else (found, None, size)
-    x, size = ops.merge(
-        x, merge_size, dest, x.shape[1] - r, w, n_dropped=plan.n_dropped, mode=plan.mode, impl=impl
+    return dest, w, merge_size, plan
+
+
+def merge_step_ahead(
+    x: Tensor,
+    size: Optional[Tensor],
+    source: Optional[Tensor],
+    keys: Tensor,
+    queries: Tensor,
+    *,
+    method: str,
+    r: int,
+    protected: int,
+    layer: int,
+    num_layers: int,
+    scale: Optional[float] = None,
+    prop_attn: bool = True,
+    trace_source: bool = False,
+    impl: str = "torch",
+    options: Optional[Mapping[str, Any]] = None,
+) -> tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+    """One block's merge one step ahead (MCTF's official ``one_step_ahead=1``), at the block's input.
+
+    The block's attention on the unmerged tokens, ``P = softmax(q kᵀ · scale + log size)``, decides
+    the merge (its column means are the informativeness); the block input ``x`` merges with the
+    matcher's weights, and so does ``P``: columns summed over each group, rows the groups' weighted
+    means (the same weights), so every row still sums to 1. The block then computes its values on the
+    merged tokens and its attention output as ``P_merged @ v`` (not recomputed).
+
+    Args:
+        x: ``[B, N, C]`` the block's input (the residual stream).
+        size: ``[B, N, 1]`` sizes entering the block (None: all ones); source: ``[B, N0]`` or None.
+        keys, queries: ``[B, H, N, d]`` of the block's attention on the unmerged tokens.
+
+    Returns:
+        ``x [B, N - r, C]``, ``size [B, N - r, 1]``, ``source`` (None without tracing) and the merged
+        attention probabilities ``[B, H, N - r, N - r]`` (fp32; fp64 for fp64 inputs).
+    """
+    dest, w, merge_size, plan = _match(
+        x, size, keys, queries, method=method, r=r, protected=protected, layer=layer,
+        num_layers=num_layers, scale=scale, prop_attn=prop_attn, impl=impl, options=options,
+        attn_in=None, params=None,
     )
+    n_out = x.shape[1] - r
+    probs = ops.attention_probs(queries, keys, size if prop_attn else None, scale)
+    merged_probs = ops.merge_attention(probs, dest, merge_size if w is None else w, n_out)
+    x, size = ops.merge(x, merge_size, dest, n_out, w, n_dropped=plan.n_dropped, mode=plan.mode, impl=impl)
     if trace_source:
         source = ops.compose_source(source, dest, impl=impl)
-    return x, size, source
+    return x, size, source, merged_probs
 
 
 # --- ToMe ---------------------------------------------------------------------------------------
@@ -439,22 +508,17 @@ register(
 
 
 def _mctf_match(keys, r, protected, *, layer, num_layers, x, q, size, scale, prop_attn, impl="torch",
-                tau_sim=1.0, tau_info=20.0, tau_size=40.0, bidirectional=True, one_step_ahead=False):
+                tau_sim=1.0, tau_info=20.0, tau_size=40.0, bidirectional=True, one_step_ahead=True):
     return ops.mctf_match(
         x, q, keys, size, r, protected, tau_sim=tau_sim, tau_info=tau_info, tau_size=tau_size,
         bidirectional=bidirectional, scale=scale, prop_attn=prop_attn, impl=impl,
     )
 
 
-_MCTF_ONE_STEP_AHEAD = (
-    "mctf: one_step_ahead=True cannot be expressed in tomec's pipeline: the official code merges the "
-    "block's input before its attention and then replaces that attention by the merged N×N "
-    "attention map times the values of the merged tokens (rows size·attention weighted, columns "
-    "summed); tomec merges after the attention residual and never rewrites the attention itself. "
-    "Note that tomec's MCTF is not the official one-step-ahead-free form either: the official code "
-    "then merges after the MLP residual (and its DeiT-S setting leaves block 0 alone), tomec after "
-    "the attention residual (METHODS.md's site) at the blocks the schedule gives"
-)
+def _mctf_blocks(num_layers: int, options: Mapping[str, Any]) -> Optional[list[int]]:
+    """One step ahead, block 0 is left alone (the official DeiT setting: ``--activate_layer 1..11``):
+    its merge would act on the patch embedding."""
+    return list(range(1, num_layers)) if options["one_step_ahead"] and num_layers > 1 else None
 
 
 def _check_mctf(options: dict[str, Any]) -> dict[str, Any]:
@@ -466,8 +530,6 @@ def _check_mctf(options: dict[str, Any]) -> dict[str, Any]:
     for name in ("bidirectional", "one_step_ahead"):
         if not isinstance(options[name], bool):
             raise ConfigError(f"mctf: {name} must be True or False, got {options[name]!r}")
-    if options["one_step_ahead"]:
-        raise ConfigError(_MCTF_ONE_STEP_AHEAD)
     return options
 
 
@@ -475,7 +537,7 @@ register(
     Method(
         name="mctf",
         summary="MCTF (CVPR'24): bidirectional bipartite matching scored by similarity, "
-        "informativeness and size; attention-weighted merge",
+        "informativeness and size; attention-weighted merge, one step ahead",
         match=_mctf_match,
         inputs=("x", "q", "size", "scale", "prop_attn"),
         returns_weights=True,
@@ -485,8 +547,12 @@ register(
         # the official code nor a cap that cannot see the options allows it.
         cap=tome_cap,
         options={"tau_sim": 1.0, "tau_info": 20.0, "tau_size": 40.0, "bidirectional": True,
-                 "one_step_ahead": False},
+                 "one_step_ahead": True},
         check=_check_mctf,
+        # the official one_step_ahead=1 (its DeiT setting): merge at the block's input with the
+        # block's own attention, which then runs merged; False: after the attention residual
+        ahead_option="one_step_ahead",
+        reduction_blocks=_mctf_blocks,
         training="off the shelf (the paper also fine-tunes with token-reduction consistency; not here)",
     )
 )

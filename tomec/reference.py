@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from . import ops
 from .config import TomecConfig
 from .errors import UnsupportedModelError
-from .methods import merge_step
+from .methods import merge_step, merge_step_ahead
 
 __all__ = ["patch", "unpatch", "state", "ReferenceState"]
 
@@ -52,10 +52,11 @@ def _timm_classes() -> tuple[type, type, type]:
 
 def _attention_forward(
     self: nn.Module, x: Tensor, size: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
-    is_causal: bool = False,
+    is_causal: bool = False, probs: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """timm ``Attention.forward`` plus the ``log(size)`` bias; also returns the keys and queries
-    ``[B, H, N, d]`` that enter attention."""
+    ``[B, H, N, d]`` that enter attention. ``probs [B, H, N, N]``: the attention map to apply to the
+    values instead of computing one (a merged one-step-ahead map)."""
     if attn_mask is not None or is_causal:
         raise UnsupportedModelError("the tomec reference does not merge under attention masks")
     batch, n, _ = x.shape
@@ -64,7 +65,9 @@ def _attention_forward(
     q, k, v = qkv.unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)
     bias = None if size is None else ops.log_size_bias(size, q.dtype)
-    if self.fused_attn:
+    if probs is not None:
+        x = ops.apply_attention(probs, v)
+    elif self.fused_attn:
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0
         )
@@ -106,9 +109,21 @@ def _block_forward(
     config, method, r = st.config, st.config.method_spec, st.schedule[layer]
     size = st.size if config.prop_attn else None
     attn_in = self.norm1(x)
+    site = method.site_of(config.method_options)
+    if r > 0 and site == "ahead":  # merge the input with this block's attention, then run it merged
+        _, k, q = self.attn(attn_in, size=size, attn_mask=attn_mask, is_causal=is_causal)
+        x, st.size, st.source, probs = merge_step_ahead(
+            x, st.size, st.source, k, q, method=method.name, r=r, protected=st.protected,
+            layer=layer, num_layers=st.num_layers, scale=self.attn.scale, prop_attn=config.prop_attn,
+            trace_source=config.trace_source, options=config.method_options,
+        )
+        attn_in = self.norm1(x)
+        attn_out, _, _ = self.attn(attn_in, probs=probs)
+        x = x + self.drop_path1(self.ls1(attn_out))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
     attn_out, k, q = self.attn(attn_in, size=size, attn_mask=attn_mask, is_causal=is_causal)
     x = x + self.drop_path1(self.ls1(attn_out))
-    if (r > 0 or method.reorders_at_r0) and method.site == "attention":
+    if (r > 0 or method.reorders_at_r0) and site == "attention":
         x, st.size, st.source = merge_step(
             x, st.size, st.source, k, q, method=method.name, r=r, protected=st.protected,
             layer=layer, num_layers=st.num_layers, scale=self.attn.scale,
@@ -117,7 +132,7 @@ def _block_forward(
             params=_learned_params(st, layer, attn_in, k),
         )
     x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-    if r > 0 and method.site == "block":
+    if r > 0 and site == "block":
         x = method.transform(x, r, st.protected)
     return x
 

@@ -14,7 +14,8 @@ width, ``N0`` tokens entering the first block.
 
 from .atc import LINKAGES, atc_cluster, atc_default_blocks, atc_keep_rate_schedule, atc_match
 from .attention import (
-    attention, attention_extra_dim, attention_flex, attention_received, combine_masks, log_size_bias,
+    apply_attention, attention, attention_extra_dim, attention_flex, attention_probs, attention_received, combine_masks,
+    log_size_bias,
 )
 from .common import IMPLS, SUPPORTED_DTYPES, check_dtype, resolve_impl
 from .crossget import crossget_importance, crossget_match
@@ -24,7 +25,9 @@ from .fpet import fpet_cap, fpet_grid, fpet_match, fpet_metric
 from .ltmp import ltmp_match, ltmp_prune_cap, ltmp_threshold_counts
 from .matching import bipartite_match, diffrate_match, key_metric, pitome_match
 from .mctf import mctf_match
-from .merge import MERGE_MODES, compose_source, merge, merge_dense, size_weighted_mean, size_weighted_pool
+from .merge import (
+    MERGE_MODES, compose_source, merge, merge_attention, merge_dense, size_weighted_mean, size_weighted_pool,
+)
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -38,6 +41,9 @@ __all__ = [
     "diffrate_match",
     "mctf_match",
     "attention_received",
+    "attention_probs",
+    "apply_attention",
+    "merge_attention",
     "atc_match",
     "atc_cluster",
     "atc_keep_rate_schedule",

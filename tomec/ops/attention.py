@@ -115,12 +115,25 @@ def attention_received(
     return _attention_received(q, k, bias, scale)
 
 
-def _attention_received(q: Tensor, k: Tensor, size: Optional[Tensor], scale: float) -> Tensor:
-    """The plain-PyTorch attention received (``size``: the log-size bias's sizes, or None); also
-    the Triton kernel's gradient formula."""
+def attention_probs(q: Tensor, k: Tensor, size: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+    """The attention map ``softmax(q kᵀ · scale + log size)`` ``[B, H, N, N]`` (``size``: the
+    log-size bias's sizes ``[B, N, 1]``, or None), in fp32 (fp64 stays fp64), each row normalised
+    by its log-sum-exp."""
     wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = (q.to(wide) * scale) @ k.to(wide).transpose(-1, -2)  # [B, H, N, N]
     if size is not None:
         logits = logits + log_size_bias(size.to(wide), wide)
-    lse = logits.logsumexp(dim=-1, keepdim=True)
-    return (logits - lse).exp().mean(dim=(1, 2))
+    return (logits - logits.logsumexp(dim=-1, keepdim=True)).exp()
+
+
+def apply_attention(probs: Tensor, v: Tensor) -> Tensor:
+    """``probs [B, H, N, N] @ v [B, H, N, d]`` in the values' dtype (a given attention map, such as
+    MCTF's merged one-step-ahead map, in place of the attention)."""
+    return probs.to(v.dtype) @ v
+
+
+def _attention_received(q: Tensor, k: Tensor, size: Optional[Tensor], scale: float) -> Tensor:
+    """The plain-PyTorch attention received (``size``: the log-size bias's sizes, or None); also
+    the Triton kernel's gradient formula."""
+    return attention_probs(q, k, size, scale).mean(dim=(1, 2))

@@ -92,6 +92,26 @@ def merge(
     return x_out, out[..., channels + 1 :]
 
 
+def merge_attention(probs: Tensor, dest: Tensor, w: Tensor, n_out: int) -> Tensor:
+    """An attention map merged with its tokens (MCTF's one-step-ahead form).
+
+    Key columns are summed over each output token's members; query rows are the members' weighted
+    mean (weights ``w``), so rows still sum to 1.
+
+    Args:
+        probs: ``[B, H, N, N]`` attention probabilities; dest: ``[B, N]`` (``-1``: dropped);
+        w: ``[B, N, 1]`` merge weights; n_out: output tokens.
+
+    Returns:
+        ``[B, H, n_out, n_out]`` in ``probs``' dtype.
+    """
+    slots = torch.arange(n_out, device=probs.device).view(1, n_out, 1)
+    member = (dest.unsqueeze(1) == slots).to(probs.dtype)  # [B, n_out, N]
+    cols = probs @ member.transpose(1, 2).unsqueeze(1)  # [B, H, N, n_out]: key columns summed
+    rows = member * w.to(probs.dtype).transpose(1, 2)  # [B, n_out, N]: query rows weighted
+    return (rows.unsqueeze(1) @ cols) / rows.sum(-1)[:, None, :, None]
+
+
 def merge_dense(
     x: Tensor, size: Optional[Tensor], dest: Tensor, n_out: int, w: Optional[Tensor] = None,
     mode: str = "mean",
