@@ -83,3 +83,14 @@ def test_eval_refuses_bad_method_clearly(folder):
 def test_eval_refuses_a_head_smaller_than_the_folder(folder):
     with pytest.raises(ValueError, match="7 classes but test_vit predicts 5"):
         evaluate(str(folder), "test_vit", workers=0, num_classes=5, method="tome", r=8)
+
+
+def test_eval_takes_a_preset(folder, tmp_path, capsys):
+    from tomec.bench import accuracy
+
+    out = tmp_path / "preset.json"
+    accuracy.main(["--data", str(folder), "--model", "deit_tiny_patch16_224", "--preset", "mctf/deit_tiny",
+                   "--batch", "2", "--workers", "0", "--compiler", "eager", "--limit", "4",
+                   "--num-classes", str(NUM_CLASSES), "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["schedule"] == [0] + [16] * 11 and result["images"] == 4

@@ -12,7 +12,7 @@ _checkout = _Path(__file__).resolve().parent.parent
 if (_checkout / "pyproject.toml").is_file() and (_checkout / "kernels" / "__init__.py").is_file():
     __path__.append(str(_checkout))  # noqa: F821 (the package's own __path__)
 
-from . import methods, ops, schedule  # noqa: E402
+from . import methods, ops, presets, schedule  # noqa: E402
 from .api import TomecBackend, backend  # noqa: E402
 from .config import TomecConfig  # noqa: E402
 from .errors import (  # noqa: E402
@@ -32,6 +32,7 @@ __all__ = [
     "TomecConfig",
     "methods",
     "ops",
+    "presets",
     "schedule",
     "TomecError",
     "ConfigError",

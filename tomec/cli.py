@@ -40,12 +40,23 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-ratio", type=float, default=None, help="PiToMe's kept ratio per block")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="a method option (repeatable), e.g. bsm_first=false")
+    parser.add_argument("--preset", default=None, metavar="METHOD/MODEL",
+                        help="a published setting (tomec.presets), e.g. mctf/deit_small; "
+                        "--option adds what it requires (heads=..., counts=...)")
 
 
 def merge_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """``tomec.backend``-style keyword arguments from the shared arguments."""
     from .schedule import keep_ratio
 
+    if getattr(args, "preset", None):
+        from . import presets
+        from .errors import ConfigError
+
+        method, _, model = args.preset.partition("/")
+        if args.r is not None or args.schedule or args.keep_ratio is not None:
+            raise ConfigError(f"--preset {args.preset} sets the schedule; drop --r/--schedule/--keep-ratio")
+        return presets.get(method, model, **parse_options(args.option))
     schedule = None
     if args.schedule:
         schedule = [int(v) for v in args.schedule.split(",")]
