@@ -115,6 +115,15 @@ def scores_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[
             "nll": F.cross_entropy(logits, y).item()}
 
 
+def write_result(result: dict[str, Any], out: Optional[Path]) -> None:
+    """Write a study's JSON (indented) to ``out`` and say so; None writes nothing."""
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
 def over_seeds(values: Sequence[float]) -> dict[str, float]:
     """Mean, sample standard deviation, min and max of one number measured once per seed."""
     values = list(values)

@@ -17,7 +17,6 @@ accuracy. Seed 0's heads go to ``bench/digits/dtem_heads.pt``, the numbers to
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 import warnings
@@ -27,7 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 import tomec
-from .digits import CHECKPOINT, RESULTS, digits_data, load_trained, over_seeds, scores_of
+from .digits import CHECKPOINT, RESULTS, digits_data, load_trained, over_seeds, scores_of, write_result
 from tomec.dtem import train_heads
 
 HEADS = CHECKPOINT.parent / "dtem_heads.pt"
@@ -100,10 +99,7 @@ def run(schedule: Sequence[int] = SCHEDULE, seeds: int = SEEDS, steps: int = STE
                  "evaluation": "tomec.backend(compiler='eager'), same schedule for every arm"},
         "tome": tome, "rows": rows, "summary": summary,
     }
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {out}")
+    write_result(result, out)
     return result
 
 

@@ -14,7 +14,6 @@ to ``bench/results/finetune-fpet.json``, whatever they are.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 import warnings
@@ -24,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 import tomec
-from .digits import CHECKPOINT, RESULTS, digits_data, load_trained, over_seeds, scores_of
+from .digits import CHECKPOINT, RESULTS, digits_data, load_trained, over_seeds, scores_of, write_result
 from tomec.fpet import train_adapter
 
 ADAPTER = CHECKPOINT.parent / "fpet_adapter.pt"
@@ -74,10 +73,7 @@ def run(seeds: int = SEEDS, steps: int = STEPS, lr: float = LR, out: Optional[Pa
                  "evaluation": "tomec.backend(compiler='eager'), the same schedule for both arms"},
         "no_adapter": plain, "rows": rows, "summary": summary,
     }
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {out}")
+    write_result(result, out)
     return result
 
 

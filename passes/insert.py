@@ -166,18 +166,33 @@ def _learned_params(gm, block, plan, config) -> Optional[dict[str, Node]]:
     return nodes
 
 
+def _step_kwargs(block, r, plan, config, impl) -> dict:
+    """The keyword arguments of a block's step call (``merge_step`` or ``merge_step_ahead``)."""
+    method = config.method_spec
+    return {
+        "method": method.name, "r": r, "protected": plan.protected, "layer": block.index,
+        "num_layers": len(plan.blocks), "scale": block.scale, "prop_attn": config.prop_attn,
+        "trace_source": config.trace_source, "impl": impl,
+        # learned weights travel as get_attr nodes, never as node constants
+        "options": {k: v for k, v in config.method_options.items() if k not in method.param_options},
+    }
+
+
+def _thread(graph, step, state, config) -> Node:
+    """The step's merged tokens; its sizes (and source map) become the state later blocks read."""
+    x_out = graph.call_function(operator.getitem, (step, 0))
+    state.size = graph.call_function(operator.getitem, (step, 1))
+    if config.trace_source:
+        state.source = graph.call_function(operator.getitem, (step, 2))
+    return x_out
+
+
 def _insert_merge_step(gm, block, r, plan, config, state, impl) -> Node:
     """One ``merge_step`` call right after the attention residual; later uses see merged tokens."""
     graph = gm.graph
     residual = block.residual
     method = config.method_spec
-    kwargs = {
-        "method": method.name, "r": r, "protected": plan.protected, "layer": block.index,
-        "num_layers": len(plan.blocks), "scale": block.scale, "prop_attn": config.prop_attn,
-        "trace_source": config.trace_source, "impl": impl,
-        # learned weights travel as get_attr nodes below, never as node constants
-        "options": {k: v for k, v in config.method_options.items() if k not in method.param_options},
-    }
+    kwargs = _step_kwargs(block, r, plan, config, impl)
     if "attn_in" in method.inputs:
         if block.attn_in is None:
             raise UnsupportedModelError(
@@ -193,10 +208,7 @@ def _insert_merge_step(gm, block, r, plan, config, state, impl) -> Node:
         step = graph.call_function(
             merge_step, (residual, state.size, state.source, block.k, block.q), kwargs
         )
-        x_out = graph.call_function(operator.getitem, (step, 0))
-        state.size = graph.call_function(operator.getitem, (step, 1))
-        if config.trace_source:
-            state.source = graph.call_function(operator.getitem, (step, 2))
+        x_out = _thread(graph, step, state, config)
     residual.replace_all_uses_with(x_out, delete_user_cb=lambda u: u is not step)
     return step
 
@@ -210,12 +222,7 @@ def _insert_ahead_step(gm, block, r, plan, config, state, impl) -> Node:
     graph = gm.graph
     residual, stream = block.residual, block.stream
     branch = next(a for a in residual.args if isinstance(a, Node) and a is not stream)
-    method = config.method_spec
-    kwargs = {
-        "method": method.name, "r": r, "protected": plan.protected, "layer": block.index,
-        "num_layers": len(plan.blocks), "scale": block.scale, "prop_attn": config.prop_attn,
-        "trace_source": config.trace_source, "impl": impl, "options": dict(config.method_options),
-    }
+    kwargs = _step_kwargs(block, r, plan, config, impl)
     # the attention branch: what lies between the block's input and the residual add
     inside = gu.descendants(stream) & (gu.ancestors(branch, stop={stream}) | {branch})
     copied = [n for n in graph.nodes if n in inside]
@@ -223,10 +230,7 @@ def _insert_ahead_step(gm, block, r, plan, config, state, impl) -> Node:
         step = graph.call_function(
             merge_step_ahead, (stream, state.size, state.source, block.k, block.q), kwargs
         )
-        x_out = graph.call_function(operator.getitem, (step, 0))
-        state.size = graph.call_function(operator.getitem, (step, 1))
-        if config.trace_source:
-            state.source = graph.call_function(operator.getitem, (step, 2))
+        x_out = _thread(graph, step, state, config)
         probs = graph.call_function(operator.getitem, (step, 3))
         env: dict[Node, Node] = {stream: x_out}
         for n in copied:

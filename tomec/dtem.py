@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from . import schedule as schedules
 from .errors import ConfigError, UnsupportedModelError
-from .finetune import frozen, task_loss
+from .finetune import frozen, load_state_file, task_loss
 from .ops.dtem import soft_merge
 
 __all__ = [
@@ -118,16 +118,7 @@ def load_heads(heads: Optional[HeadsLike]) -> Optional[DtemWeights]:
     if heads is None or isinstance(heads, DtemWeights):
         return heads
     if isinstance(heads, (str, Path)):
-        path = Path(heads)
-        if not path.is_file():
-            raise ConfigError(f"dtem: heads file {str(path)!r} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is a config error
-            raise ConfigError(f"dtem: cannot read heads from {path}: {e}") from e
-        if not isinstance(state, Mapping):
-            raise ConfigError(f"dtem: {path} holds a {type(state).__name__}, not a state dict")
-        return _from_state_dict(state, f"in {path}")
+        return _from_state_dict(load_state_file(heads, "dtem: heads"), f"in {heads}")
     if isinstance(heads, nn.ModuleList):
         if not all(isinstance(m, nn.Linear) for m in heads):
             raise ConfigError("dtem: heads as an nn.ModuleList must hold one nn.Linear per block")

@@ -10,12 +10,13 @@ entropy) are the default, as in the papers' recipes.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["frozen", "task_loss"]
+__all__ = ["frozen", "task_loss", "load_state_file"]
 
 
 @contextmanager
@@ -33,6 +34,25 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
+
+
+def load_state_file(path: Union[str, Path], what: str) -> Mapping[str, Any]:
+    """A saved state dict (``torch.load``, weights only, on the CPU); a missing or unreadable file,
+    or one holding something else, is a ConfigError that names ``what`` (e.g. "dtem: heads")."""
+    import torch
+
+    from .errors import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a config error
+        raise ConfigError(f"{what}: cannot read {path}: {e}") from e
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"{what}: {path} holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 def task_loss(logits: Tensor, labels: Tensor, teacher_logits: Optional[Tensor] = None) -> Tensor:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .finetune import frozen, task_loss
+from .finetune import frozen, load_state_file, task_loss
 from .ops.fpet import fpet_grid, fpet_metric, fpet_sides
 
 __all__ = [
@@ -102,14 +102,8 @@ def _raw_weights(adapter: AdapterLike) -> tuple[Tensor, Tensor]:
         return adapter.down.detach(), adapter.up.detach()
     where = "(state dict)"
     if isinstance(adapter, (str, Path)):
-        path = Path(adapter)
-        if not path.is_file():
-            raise ConfigError(f"fpet: adapter file {str(path)!r} does not exist")
-        try:
-            adapter = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is a config error
-            raise ConfigError(f"fpet: cannot read an adapter from {path}: {e}") from e
-        where = f"in {path}"
+        where = f"in {adapter}"
+        adapter = load_state_file(adapter, "fpet: adapter")
     if not isinstance(adapter, Mapping):
         raise ConfigError(
             f"fpet: adapter must be a path, a state dict or an FpetAdapter, got {type(adapter).__name__}"

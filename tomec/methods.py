@@ -171,6 +171,11 @@ def merge_step(
         num_layers=num_layers, scale=scale, prop_attn=prop_attn, impl=impl, options=options,
         attn_in=attn_in, params=params,
     )
+    return _merge(x, source, dest, w, merge_size, plan, r, trace_source, impl)
+
+
+def _merge(x, source, dest, w, merge_size, plan, r, trace_source, impl):
+    """The shared merge (sizes summed) and the source map composed."""
     x, size = ops.merge(
         x, merge_size, dest, x.shape[1] - r, w, n_dropped=plan.n_dropped, mode=plan.mode, impl=impl
     )
@@ -236,13 +241,9 @@ def merge_step_ahead(
         num_layers=num_layers, scale=scale, prop_attn=prop_attn, impl=impl, options=options,
         attn_in=None, params=None,
     )
-    n_out = x.shape[1] - r
     probs = ops.attention_probs(queries, keys, size if prop_attn else None, scale)
-    merged_probs = ops.merge_attention(probs, dest, merge_size if w is None else w, n_out)
-    x, size = ops.merge(x, merge_size, dest, n_out, w, n_dropped=plan.n_dropped, mode=plan.mode, impl=impl)
-    if trace_source:
-        source = ops.compose_source(source, dest, impl=impl)
-    return x, size, source, merged_probs
+    merged_probs = ops.merge_attention(probs, dest, merge_size if w is None else w, x.shape[1] - r)
+    return (*_merge(x, source, dest, w, merge_size, plan, r, trace_source, impl), merged_probs)
 
 
 # --- ToMe ---------------------------------------------------------------------------------------
