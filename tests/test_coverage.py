@@ -49,7 +49,10 @@ def _check_family(name: str, kwargs: dict, prefix: int, method: str, compiler: s
     with torch.no_grad():
         plain = model(x)
         unmerged, be0 = compile_tomec(model, method=method, r=0, compiler="eager")
-        assert torch.equal(unmerged(x), plain)  # r=0: the graph is left as it was
+        if methods.get(method).reorders_at_r0:  # LTMP permutes its tokens even so
+            assert relative_error(unmerged(x), plain) <= TOLERANCE
+        else:
+            assert torch.equal(unmerged(x), plain)  # r=0: the graph is left as it was
         n0 = model.patch_embed.num_patches + prefix
         r = 2 * len(model.blocks)
         compiled, be = compile_tomec(model, method=method, r=r, compiler=compiler)

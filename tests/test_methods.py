@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tomec
-from tests.helpers import check_parity, compile_tomec, images, make_model, tie_metric
+from tests.helpers import TOLERANCE, check_parity, compile_tomec, images, make_model, relative_error, tie_metric
 from tests.oracles import dct as dct_oracle
 from tests.oracles import diffrate as diffrate_oracle
 from tests.oracles import pitome as pitome_oracle
@@ -261,7 +261,11 @@ def test_r0_equals_unmerged(method):
     x = images("test_vit", 2)
     compiled, be = compile_tomec(model, method=method, r=0, compiler="eager")
     with torch.no_grad():
-        assert torch.equal(compiled(x), model(x))
+        out, plain = compiled(x), model(x)
+    if methods.get(method).reorders_at_r0:  # LTMP still permutes its tokens: the same up to rounding
+        assert relative_error(out, plain) <= TOLERANCE and not torch.equal(out, plain)
+    else:
+        assert torch.equal(out, plain)
     assert be.schedule == [0] * 6
 
 
@@ -282,12 +286,13 @@ def test_keep_ratio_schedule_with_pitome():
 
 
 def test_diffrate_sizes_stay_positive_for_dissimilar_sources():
-    """Sources opposite to every kept token (cosine -1) still add a size of at least 1, so the next
-    block's log(size) stays finite (found on the digits model at 5 tokens)."""
+    """Sources opposite to every kept token (cosine -1) add nothing to their destination's size (the
+    original would add a negative one), so the next block's log(size) stays finite (found on the
+    digits model at 5 tokens)."""
     x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, -1.0], [0.0, -1.0]]])
     q = torch.zeros(1, 1, 5, 2)
     k = torch.zeros(1, 1, 5, 2)
     dest, _, size = ops.diffrate_match(x, q, k, None, 2, 1)
-    assert (size >= 1).all()
+    assert size[0, :, 0].tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]  # the two sources: cosine -1
     _, size_out = ops.merge(x, size, dest, 3, torch.ones_like(size))
-    assert torch.isfinite(size_out.log()).all() and size_out.sum() >= 5
+    assert torch.isfinite(size_out.log()).all() and size_out[0, :, 0].tolist() == [1.0, 1.0, 1.0]
