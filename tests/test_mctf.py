@@ -295,6 +295,16 @@ def test_one_step_ahead_equals_the_official_forward(fused, prop_attn):
     assert be.tokens_per_block == [37, 37, 31, 25]
 
 
+def test_the_official_floor_of_ten_tokens():
+    assert methods.mctf_cap(197, 1) == 98 and methods.mctf_cap(21, 1) == 10
+    assert methods.mctf_cap(15, 1) == 5 and methods.mctf_cap(10, 1) == 0 and methods.mctf_cap(5, 1) == 0
+    from tomec.config import TomecConfig
+    from tomec.errors import ScheduleError
+
+    with pytest.raises(ScheduleError, match="schedule\\[3\\]=8 exceeds block 3's cap of 3"):
+        TomecConfig(method="mctf", schedule=[0, 8, 8, 8]).resolve_schedule(4, 29, 1)
+
+
 def test_one_step_ahead_leaves_block_0_alone_and_costs_what_it_computes():
     from tomec.config import TomecConfig
     from tomec.flops import per_block_macs

@@ -516,6 +516,15 @@ def _mctf_match(keys, r, protected, *, layer, num_layers, x, q, size, scale, pro
     )
 
 
+MCTF_FLOOR = 10  # the official merge never leaves fewer tokens than this (CLS included)
+
+
+def mctf_cap(num_tokens: int, num_protected: int) -> int:
+    """MCTF's per-block cap, as its official merge clamps ``r``: ToMe's half of the mergeable tokens,
+    and at least ``MCTF_FLOOR`` tokens left."""
+    return max(min(tome_cap(num_tokens, num_protected), num_tokens - MCTF_FLOOR), 0)
+
+
 def _mctf_blocks(num_layers: int, options: Mapping[str, Any]) -> Optional[list[int]]:
     """One step ahead, block 0 is left alone (the official DeiT setting: ``--activate_layer 1..11``):
     its merge would act on the patch embedding."""
@@ -542,11 +551,12 @@ register(
         match=_mctf_match,
         inputs=("x", "q", "size", "scale", "prop_attn"),
         returns_weights=True,
-        # ToMe's cap, (N - P) // 2, which the official code clamps every block's r to. Bidirectional,
-        # the ceil(r/2) B sources still fit among the non-protected B tokens with a non-protected A
-        # token left to receive them; bidirectional matching alone could remove more, but neither
-        # the official code nor a cap that cannot see the options allows it.
-        cap=tome_cap,
+        # ToMe's cap, (N - P) // 2, and the floor of 10 tokens, which the official code clamps every
+        # block's r to. Bidirectional, the ceil(r/2) B sources still fit among the non-protected B
+        # tokens with a non-protected A token left to receive them; bidirectional matching alone
+        # could remove more, but neither the official code nor a cap that cannot see the options
+        # allows it.
+        cap=mctf_cap,
         options={"tau_sim": 1.0, "tau_info": 20.0, "tau_size": 40.0, "bidirectional": True,
                  "one_step_ahead": True},
         check=_check_mctf,
