@@ -155,7 +155,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     parser = argparse.ArgumentParser(prog="tomec eval", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="ImageNet-style folder: one subfolder per class")
-    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--model", default=None, help="a timm name (default: deit_small_patch16_224, or the preset's)")
     parser.add_argument("--pretrained", action="store_true")
     parser.add_argument("--checkpoint", default=None)
     add_merge_arguments(parser)

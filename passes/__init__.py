@@ -19,7 +19,7 @@ from tomec.errors import UnsupportedModelError
 from . import graph_utils as gu
 from .decompose import decompose_attention_calls
 from .blocks import AttentionBlock, FoundBlocks, Skipped, find_blocks
-from .insert import Inserted, insert_merges
+from .insert import Inserted, erase_replaced, insert_merges
 from .plan import Plan, make_plan
 from .pooling import weight_token_means
 from .shapes import fix_shapes, validate
@@ -172,8 +172,7 @@ def rewrite(
             result.num_outputs, result.extra_outputs = _append_outputs(
                 gm, [inserted.source, inserted.size]
             )
-    if inserted.dead_code:
-        gm.graph.eliminate_dead_code()  # what a one-step-ahead block's merged branch replaced
+    erase_replaced(gm, inserted)  # what one-step-ahead blocks' merged branches replaced
     report.shape_literals = len(fix_shapes(gm, example_inputs, original))
     validate(gm, example_inputs)
     result.tokens_per_block = [int(gu.meta_shape(b.k)[2]) for b in plan.blocks]

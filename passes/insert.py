@@ -35,7 +35,7 @@ class Inserted:
     biased_blocks: list[int] = field(default_factory=list)
     attention_impl: str = ""
     lines: list[str] = field(default_factory=list)
-    dead_code: bool = False  # replaced nodes left in the graph (one-step-ahead branches)
+    replaced: list[Node] = field(default_factory=list)  # one-step-ahead branches, now unused
 
 
 _ATTENTION = {"manual": ops.attention, "extra_dim": ops.attention_extra_dim, "flex": ops.attention_flex}
@@ -122,7 +122,6 @@ def insert_merges(gm: GraphModule, plan: Plan, config: TomecConfig, device_type:
             step = _insert_transform(gm, block, r, plan, method, impl)
         elif ahead:
             step = _insert_ahead_step(gm, block, r, plan, config, state, impl)
-            state.dead_code = True
             bias = None
         else:
             step = _insert_merge_step(gm, block, r, plan, config, state, impl)
@@ -241,7 +240,25 @@ def _insert_ahead_step(gm, block, r, plan, config, state, impl) -> Node:
             env[n] = graph.node_copy(n, lambda a: env.get(a, a))
     residual.replace_input_with(stream, x_out)
     residual.replace_input_with(branch, env[branch])  # the rest of the old branch is now dead
+    state.replaced.extend(copied)
     return step
+
+
+def _in_place(node: Node) -> bool:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and name.endswith("_") and not name.endswith("__")
+
+
+def erase_replaced(gm: GraphModule, inserted: Inserted) -> int:
+    """Erase what the one-step-ahead branches left unused (last first, so chains go too): only those
+    nodes, and never an in-place call (the rest of the graph is not touched). Returns the count."""
+    erased = 0
+    for node in reversed(inserted.replaced):
+        if not node.users and not _in_place(node) and node.op != "placeholder":
+            gm.graph.erase_node(node)
+            erased += 1
+    inserted.replaced = []
+    return erased
 
 
 def _insert_transform(gm, block, r, plan, method, impl) -> Node:

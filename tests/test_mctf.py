@@ -305,7 +305,7 @@ def test_the_official_floor_of_ten_tokens():
         TomecConfig(method="mctf", schedule=[0, 8, 8, 8]).resolve_schedule(4, 29, 1)
 
 
-def test_one_step_ahead_leaves_block_0_alone_and_costs_what_it_computes():
+def test_one_step_ahead_leaves_block_0_alone_and_its_flops_are_the_official_forms():
     from tomec.config import TomecConfig
     from tomec.flops import per_block_macs
 
@@ -339,3 +339,22 @@ def test_tokens_receiving_no_attention_keep_finite_weights_in_half_precision():
         dest, w, sizes = mctf_match(x.half(), q.half(), k.half(), None, r, 1, tau_info=0.0)
         out, _ = tomec.ops.merge(x.half(), sizes, dest, n - r, w)
         assert (w > 0).all() and torch.isfinite(out).all(), r
+
+
+@pytest.mark.parametrize("n_dropped", [0, 2])
+def test_merge_attention_equals_the_dense_formula(n_dropped):
+    g = torch.Generator().manual_seed(5)
+    b, h, n, n_out = 2, 3, 12, 7
+    probs = torch.rand(b, h, n, n, dtype=torch.float64, generator=g).softmax(-1)
+    dest = torch.stack([torch.randperm(n, generator=g) % n_out for _ in range(b)])
+    dest[:, n - n_dropped:] = -1 if n_dropped else dest[:, n - n_dropped:]
+    dest[:, :n_out] = torch.arange(n_out)  # every slot has a member
+    w = torch.rand(b, n, 1, dtype=torch.float64, generator=g) + 0.1
+    member = (dest.unsqueeze(1) == torch.arange(n_out).view(1, -1, 1)).double()  # [B, n_out, N]
+    cols = torch.einsum("bhqk,bok->bhqo", probs, member)
+    rows = member * w.transpose(1, 2)
+    want = torch.einsum("bon,bhnk->bhok", rows, cols) / rows.sum(-1)[:, None, :, None]
+    got = tomec.ops.merge_attention(probs, dest, w, n_out, n_dropped)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if n_dropped == 0:
+        torch.testing.assert_close(got.sum(-1), torch.ones(b, h, n_out, dtype=torch.float64))

@@ -90,5 +90,8 @@ def test_readme_table_is_the_presets_table():
 def test_cli_flops_takes_a_preset(capsys):
     cli.main(["flops", "--preset", "diffrate/deit_small"])
     assert "GMACs per image: 2.905" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match="sets the schedule"):
-        cli.main(["flops", "--preset", "tome/deit_small", "--r", "13"])
+    cli.main(["flops", "--preset", "mctf/deit_tiny"])  # the preset's own model
+    assert capsys.readouterr().out.startswith("deit_tiny_patch16_224 with mctf")
+    for extra in (["--r", "13"], ["--method", "tome"]):
+        with pytest.raises(ConfigError, match="sets the method and the schedule"):
+            cli.main(["flops", "--preset", "tome/deit_small", *extra])

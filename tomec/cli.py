@@ -29,9 +29,12 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+DEFAULT_MODEL = "deit_small_patch16_224"
+
+
 def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     """The schedule and method arguments every subcommand shares."""
-    parser.add_argument("--method", default="tome")
+    parser.add_argument("--method", default=None, help="default: tome")
     # --reduce: torchrun's own parser reads a bare --r as an ambiguous abbreviation of its options.
     parser.add_argument("--r", "--reduce", dest="r", type=int, default=None,
                         help="tokens removed in total (--reduce under torchrun)")
@@ -54,22 +57,30 @@ def merge_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         from .errors import ConfigError
 
         method, _, model = args.preset.partition("/")
-        if args.r is not None or args.schedule or args.keep_ratio is not None:
-            raise ConfigError(f"--preset {args.preset} sets the schedule; drop --r/--schedule/--keep-ratio")
-        return presets.get(method, model, **parse_options(args.option))
+        if args.r is not None or args.schedule or args.keep_ratio is not None or args.method is not None:
+            raise ConfigError(
+                f"--preset {args.preset} sets the method and the schedule; drop --method/--r/--schedule/--keep-ratio"
+            )
+        kwargs = presets.get(method, model, **parse_options(args.option))
+        if getattr(args, "model", "") is None:  # the preset's own model unless one is given
+            args.model = presets.timm_model(presets.find(method, model).model)
+        return kwargs
     schedule = None
     if args.schedule:
         schedule = [int(v) for v in args.schedule.split(",")]
     if args.keep_ratio is not None:
         schedule = keep_ratio(args.keep_ratio)
-    return dict(method=args.method, r=args.r, inflect=args.inflect, schedule=schedule,
+    if getattr(args, "model", "") is None:
+        args.model = DEFAULT_MODEL
+    return dict(method=args.method or "tome", r=args.r, inflect=args.inflect, schedule=schedule,
                 **parse_options(args.option))
 
 
 def _flops(args: argparse.Namespace) -> None:
     from .flops import flops_report
 
-    report = flops_report(args.model, **merge_kwargs(args))
+    kwargs = merge_kwargs(args)  # first: a preset names the model
+    report = flops_report(args.model, **kwargs)
     if args.json:
         print(json.dumps(report, indent=1))
         return
@@ -130,7 +141,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("bench", help="throughput against the baselines (bench/throughput.py)", add_help=False)
     flops = sub.add_parser("flops", help="schedule, tokens and MACs per block, without running the model")
-    flops.add_argument("--model", default="deit_small_patch16_224")
+    flops.add_argument("--model", default=None, help=f"a timm name (default: {DEFAULT_MODEL}, or the preset's)")
     add_merge_arguments(flops)
     flops.add_argument("--json", action="store_true")
     sub.add_parser("eval", help="top-1/top-5 on an ImageNet-style folder (bench/accuracy.py)", add_help=False)

@@ -27,7 +27,9 @@ def per_block_macs(
 ) -> list[int]:
     """MACs of every block; ``site="block"``: the reduction follows the MLP (DCT); ``site="ahead"``:
     at the block's input, one step ahead (MCTF): q, k and their map on the ``n`` unmerged tokens,
-    the values, the map's product and the output projection on the ``n - r`` merged ones."""
+    the values, the map's product and the output projection on the ``n - r`` merged ones (what the
+    official code computes; tomec's graph still runs a fused qkv projection whole on both token
+    sets, ``n·C² + 2·(n − r)·C²`` more per merging block)."""
     out, n = [], num_tokens
     for r in schedule:
         if site == "ahead" and r > 0:

@@ -35,7 +35,7 @@ from .finetune import frozen, load_state_file, task_loss
 from .ops.fpet import fpet_grid, fpet_metric, fpet_sides
 
 __all__ = [
-    "FpetAdapter", "binarize", "load_adapter", "train_adapter", "soft_forward", "NO_ADAPTER_WARNING",
+    "FpetAdapter", "FpetWeights", "binarize", "load_adapter", "train_adapter", "soft_forward", "NO_ADAPTER_WARNING",
     "BINARY_LEVEL",
 ]
 
@@ -97,6 +97,11 @@ class FpetAdapter(nn.Module):
         return path
 
 
+class FpetWeights(dict):
+    """An adapter's effective (already binarized) weights ``{"down", "up"}``: what ``adapter=``
+    becomes once checked; checked again, it passes through unchanged."""
+
+
 def _raw_weights(adapter: AdapterLike) -> tuple[Tensor, Tensor]:
     if isinstance(adapter, FpetAdapter):
         return adapter.down.detach(), adapter.up.detach()
@@ -125,15 +130,15 @@ def _raw_weights(adapter: AdapterLike) -> tuple[Tensor, Tensor]:
     return down, up
 
 
-def load_adapter(adapter: Optional[AdapterLike]) -> Optional[dict[str, Tensor]]:
+def load_adapter(adapter: Optional[AdapterLike]) -> Optional[FpetWeights]:
     """Any accepted form of ``adapter=`` as its effective 1-bit weights ``{"down", "up"}`` (fp32 at
     least, detached), or None."""
-    if adapter is None:
-        return None
+    if adapter is None or isinstance(adapter, FpetWeights):
+        return adapter
     down, up = _raw_weights(adapter)
     wide = torch.float64 if down.dtype == torch.float64 else torch.float32
     with torch.no_grad():
-        return {"down": binarize(down.to(wide)).detach(), "up": binarize(up.to(wide)).detach()}
+        return FpetWeights(down=binarize(down.to(wide)).detach(), up=binarize(up.to(wide)).detach())
 
 
 # --- training: the official dense straight-through merge in a timm model -----------------------
@@ -220,7 +225,7 @@ def train_adapter(
     return adapter
 
 
-def check_adapter(adapter: Any) -> Optional[dict[str, Tensor]]:
+def check_adapter(adapter: Any) -> Optional[FpetWeights]:
     """``adapter=`` validated (its effective weights), with a warning when it is absent."""
     weights = load_adapter(adapter)
     if weights is None:

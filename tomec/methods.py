@@ -242,7 +242,8 @@ def merge_step_ahead(
         attn_in=None, params=None,
     )
     probs = ops.attention_probs(queries, keys, size if prop_attn else None, scale)
-    merged_probs = ops.merge_attention(probs, dest, merge_size if w is None else w, x.shape[1] - r)
+    merged_probs = ops.merge_attention(probs, dest, merge_size if w is None else w, x.shape[1] - r,
+                                       plan.n_dropped)
     return (*_merge(x, source, dest, w, merge_size, plan, r, trace_source, impl), merged_probs)
 
 
@@ -712,9 +713,8 @@ def _atc_match(keys, r, protected, *, layer, num_layers, impl="torch", blocks=No
 
 
 def _atc_schedule(options, num_layers, num_tokens, protected):
-    return ops.atc_keep_rate_schedule(
-        _atc_blocks(num_layers, options), num_layers, num_tokens, protected, options["keep_rate"]
-    )
+    blocks = check_blocks(_atc_blocks(num_layers, options), num_layers, "atc: blocks")
+    return ops.atc_keep_rate_schedule(blocks, num_layers, num_tokens, protected, options["keep_rate"])
 
 
 def _check_atc(options: dict[str, Any]) -> dict[str, Any]:
@@ -758,9 +758,9 @@ def _fpet_blocks(num_layers: int, options: Mapping[str, Any]) -> list[int]:
     return [num_layers // 2 if block is None else block]
 
 
-def _fpet_match(keys, r, protected, *, layer, num_layers, size, impl="torch", block=None,
+def _fpet_match(keys, r, protected, *, layer, num_layers, size, x, impl="torch", block=None,
                 down=None, up=None):
-    return ops.fpet_match(keys, r, protected, size=size, down=down, up=up, impl=impl)
+    return ops.fpet_match(keys, r, protected, size=size, down=down, up=up, x=x, impl=impl)
 
 
 def _fpet_params(options, *, layer, num_layers, channels, head_dim):
@@ -790,7 +790,7 @@ register(
         summary="FPET (CVPR'25): one checkerboard merge on the patch grid at one block, on the keys "
         "refined by a learned 1-bit adapter",
         match=_fpet_match,
-        inputs=("size",),
+        inputs=("size", "x"),
         returns_weights=True,
         cap=ops.fpet_cap,
         options={"block": None, "adapter": None},

@@ -8,8 +8,10 @@ sources we read give none) and what the user must load for that number (trained 
 calibrated counts, fine-tuned weights). :func:`get` returns ``tomec.backend`` keyword arguments;
 a preset that needs a trained artifact is an error until it is given (``get("dtem", "deit_small",
 heads="heads.pt")``). ``tomec eval --preset mctf/deit_small`` evaluates one on an ImageNet folder.
-GFLOPs are multiply-accumulates, as the papers count them; ``tomec flops`` reproduces them from
-the schedule (a test holds every preset to its reported figure).
+GFLOPs are multiply-accumulates, as the papers count them. A test holds each preset's schedule to
+its reported GFLOPs with ``tomec flops`` where the counts are comparable (ToMe, DiffRate, MCTF);
+where a paper counts differently or reports none, ``schedule_gflops`` records tomec's own count,
+which the test then only keeps from drifting.
 """
 
 from __future__ import annotations

@@ -148,7 +148,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     parser = argparse.ArgumentParser(prog="tomec vis", description=__doc__.splitlines()[0])
     parser.add_argument("--image", default=None, help="default: matplotlib's grace_hopper.jpg")
-    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--model", default=None, help="a timm name (default: deit_small_patch16_224, or the preset's)")
     parser.add_argument("--pretrained", action="store_true", help="timm weights (cached or reachable)")
     parser.add_argument("--checkpoint", default=None)
     add_merge_arguments(parser)
@@ -165,10 +165,10 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     from .bench.accuracy import load_model
 
+    kwargs = {k: v for k, v in merge_kwargs(args).items() if v is not None}  # first: a preset's model
     model = load_model(args.model, args.pretrained, args.checkpoint)
     image = load_image(args.image, model.pretrained_cfg["input_size"][-1])
     depths = [int(d) for d in args.depths.split(",")] if args.depths else None
-    kwargs = {k: v for k, v in merge_kwargs(args).items() if v is not None}
     panels = render(image, model, depths, path=args.path, compiler=args.compiler, **kwargs)
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 4))
     axes[0].imshow(image)
@@ -178,7 +178,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         ax.set_title(f"after block {depth}: {groups} groups")
     for ax in axes:
         ax.axis("off")
-    fig.suptitle(f"{args.model}, {args.method}")
+    fig.suptitle(f"{args.model}, {kwargs['method']}")
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")

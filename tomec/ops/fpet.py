@@ -87,6 +87,7 @@ def fpet_match(
     size: Optional[Tensor] = None,
     down: Optional[Tensor] = None,
     up: Optional[Tensor] = None,
+    x: Optional[Tensor] = None,
     impl: str = "torch",
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """FPET's checkerboard merge, as a destination map with straight-through merge weights.
@@ -114,6 +115,7 @@ def fpet_match(
         r: tokens to remove, ``0 <= r <= |A|``.
         size: ``[B, N, 1]`` sizes entering the block, or None (all ones).
         down, up: the refinement adapter's effective weights ``[h, d]``, ``[d, h]`` (or None).
+        x: the tokens ``[B, N, C]`` (only their dtype is used: the sizes' when ``size`` is None).
 
     Returns:
         ``dest [B, N]`` int64, merge weights ``w [B, N, 1]`` (None: the sizes), the sizes to sum
@@ -147,7 +149,10 @@ def fpet_match(
     top2 = scores.topk(min(2, n_b), dim=-1).values  # [B, n_a, <=2]; differentiable
     best, partner = scores.detach().max(dim=-1)  # [B, n_a]; the first maximal index
     is_src = descending_rank(best) < r
-    tied = is_src & (top2[..., 0] == top2[..., -1]) if n_b > 1 else torch.zeros_like(is_src)
+    # the official hard rule, as it computes it: a partner only where sigmoid(score − mean of the
+    # two best) > 1/2, so no partner when the two best are equal (or a rounding apart)
+    hard = torch.sigmoid(top2[..., 0] - top2.mean(-1)) > 0.5
+    tied = is_src & ~hard if n_b > 1 else torch.zeros_like(is_src)
 
     slot_b = protected + (n_a - r) + torch.arange(n_b, device=device)
     slot_kept = protected - 1 + (~is_src).cumsum(-1)
@@ -165,7 +170,8 @@ def fpet_match(
                           full[:, inverse]], 1)
         return full.unsqueeze(-1)
 
-    sizes = torch.ones(batch, n, 1, device=device, dtype=metric.dtype) if size is None else size
+    dtype = metric.dtype if x is None else x.dtype
+    sizes = torch.ones(batch, n, 1, device=device, dtype=dtype) if size is None else size
     keep = per_token((~tied).to(wide), 1.0).to(sizes.dtype)  # 0 for a tied (dropped) source
     merge_size = sizes * keep  # exact: a product with 1 or 0
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (down, up))

@@ -59,27 +59,10 @@ def merge(
         size = x.new_ones(batch, n, 1)
     if w is None:
         w = size
-    device = x.device
-    slots = torch.arange(n_out, device=device)
-    positions = torch.arange(n, device=device)
-
-    # Gather one member per slot (its first) and fold in only the few extra members: far cheaper
-    # than a scatter over all N tokens, and no floating-point atomics, so the result is deterministic.
-    is_member = dest.unsqueeze(1) == slots.view(1, n_out, 1)  # [B, n_out, N]
-    first = torch.where(is_member, positions.view(1, 1, n), n).amin(-1)  # [B, n_out]
-    is_first = first.gather(1, dest.clamp_min(0)) == positions.view(1, n)
-    is_extra = (dest >= 0) & ~is_first  # [B, N], n_extra per image
-    extra_rank = is_extra.cumsum(-1)  # k-th extra has rank k + 1
-    ks = torch.arange(n_extra, device=device)
-    extra = (extra_rank.unsqueeze(1) <= ks.view(1, n_extra, 1)).sum(-1)  # [B, n_extra] positions
-
-    xw = x * w
-    parts = torch.cat([xw, w, size], dim=-1)  # one gather for values, weights and sizes
-    out = parts.gather(1, first.unsqueeze(-1).expand(batch, n_out, channels + 2))
-    if n_extra:
-        extra_parts = parts.gather(1, extra.unsqueeze(-1).expand(batch, n_extra, channels + 2))
-        onto = dest.gather(1, extra).unsqueeze(1) == slots.view(1, n_out, 1)  # [B, n_out, n_extra]
-        out = out + onto.to(x.dtype) @ extra_parts  # [B, n_extra, C + 2]
+    groups = _Groups(dest, n_out, n_extra)
+    parts = torch.cat([x * w, w, size], dim=-1)  # one gather for values, weights and sizes
+    out = groups.sum(parts)
+    first, extra, onto = groups.first, groups.extra, groups.onto
     x_out = out[..., :channels] / out[..., channels : channels + 1]
     if mode == "norm_preserving":
         norms = x.norm(dim=-1)  # [B, N]
@@ -92,7 +75,36 @@ def merge(
     return x_out, out[..., channels + 1 :]
 
 
-def merge_attention(probs: Tensor, dest: Tensor, w: Tensor, n_out: int) -> Tensor:
+class _Groups:
+    """Each output slot's members, as one gather of its first member plus the few extra members
+    (far cheaper than a scatter over all N tokens, and no floating-point atomics: deterministic)."""
+
+    def __init__(self, dest: Tensor, n_out: int, n_extra: int) -> None:
+        batch, n = dest.shape
+        device = dest.device
+        slots = torch.arange(n_out, device=device)
+        positions = torch.arange(n, device=device)
+        is_member = dest.unsqueeze(1) == slots.view(1, n_out, 1)  # [B, n_out, N]
+        self.first = torch.where(is_member, positions.view(1, 1, n), n).amin(-1)  # [B, n_out]
+        is_first = self.first.gather(1, dest.clamp_min(0)) == positions.view(1, n)
+        is_extra = (dest >= 0) & ~is_first  # [B, N], n_extra per image
+        extra_rank = is_extra.cumsum(-1)  # k-th extra has rank k + 1
+        ks = torch.arange(n_extra, device=device)
+        self.extra = (extra_rank.unsqueeze(1) <= ks.view(1, n_extra, 1)).sum(-1)  # [B, n_extra]
+        self.onto = dest.gather(1, self.extra).unsqueeze(1) == slots.view(1, n_out, 1)  # [B, n_out, n_extra]
+        self.n_out, self.n_extra = n_out, n_extra
+
+    def sum(self, values: Tensor) -> Tensor:
+        """``[B, N, F] -> [B, n_out, F]``: each slot's members summed (dropped tokens left out)."""
+        batch, _, f = values.shape
+        out = values.gather(1, self.first.unsqueeze(-1).expand(batch, self.n_out, f))
+        if self.n_extra:
+            extra = values.gather(1, self.extra.unsqueeze(-1).expand(batch, self.n_extra, f))
+            out = out + self.onto.to(values.dtype) @ extra
+        return out
+
+
+def merge_attention(probs: Tensor, dest: Tensor, w: Tensor, n_out: int, n_dropped: int = 0) -> Tensor:
     """An attention map merged with its tokens (MCTF's one-step-ahead form).
 
     Key columns are summed over each output token's members; query rows are the members' weighted
@@ -100,16 +112,20 @@ def merge_attention(probs: Tensor, dest: Tensor, w: Tensor, n_out: int) -> Tenso
 
     Args:
         probs: ``[B, H, N, N]`` attention probabilities; dest: ``[B, N]`` (``-1``: dropped);
-        w: ``[B, N, 1]`` merge weights; n_out: output tokens.
+        w: ``[B, N, 1]`` merge weights; n_out: output tokens; n_dropped: tokens with ``dest = -1``.
 
     Returns:
-        ``[B, H, n_out, n_out]`` in ``probs``' dtype.
+        ``[B, H, n_out, n_out]`` in ``probs``' dtype. Gathers and the few extra members (as
+        :func:`merge`), ``O(H · N · n_out)``: no ``[n_out, N]`` membership matmul.
     """
-    slots = torch.arange(n_out, device=probs.device).view(1, n_out, 1)
-    member = (dest.unsqueeze(1) == slots).to(probs.dtype)  # [B, n_out, N]
-    cols = probs @ member.transpose(1, 2).unsqueeze(1)  # [B, H, N, n_out]: key columns summed
-    rows = member * w.to(probs.dtype).transpose(1, 2)  # [B, n_out, N]: query rows weighted
-    return (rows.unsqueeze(1) @ cols) / rows.sum(-1)[:, None, :, None]
+    batch, heads, n, _ = probs.shape
+    groups = _Groups(dest, n_out, n - n_out - n_dropped)
+    keys_first = probs.permute(0, 3, 1, 2).reshape(batch, n, heads * n)  # [B, key, (H, query)]
+    cols = groups.sum(keys_first).reshape(batch, n_out, heads, n).permute(0, 3, 2, 1)  # [B, query, H, n_out]
+    w = w.to(probs.dtype)
+    rows = groups.sum(cols.reshape(batch, n, heads * n_out) * w)  # [B, n_out, H·n_out]
+    rows = rows / groups.sum(w)  # the groups' weighted means
+    return rows.reshape(batch, n_out, heads, n_out).transpose(1, 2)
 
 
 def merge_dense(
