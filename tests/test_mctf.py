@@ -358,3 +358,23 @@ def test_merge_attention_equals_the_dense_formula(n_dropped):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     if n_dropped == 0:
         torch.testing.assert_close(got.sum(-1), torch.ones(b, h, n_out, dtype=torch.float64))
+
+
+def test_one_step_ahead_keeps_in_place_calls_elsewhere_in_the_graph():
+    # the replaced attention branches are erased, not the graph's other unused results (an
+    # in-place call's result is unused, its effect is not)
+    class Doubled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = make_model("test_vit", depth=3)
+
+        def forward(self, x):
+            y = self.vit.forward_features(x)
+            y.mul_(2.0)
+            return self.vit.forward_head(y)
+
+    model, x = Doubled().eval(), images("test_vit", 2)
+    compiled, _ = compile_tomec(model, method="mctf", r=20, compiler="eager")
+    ref = reference_of(model, method="mctf", r=20, protect=1)  # the wrapper has no num_prefix_tokens
+    with torch.no_grad():
+        assert relative_error(compiled(x), ref(x)) <= TOLERANCE
