@@ -26,6 +26,26 @@ from .errors import (  # noqa: E402
 
 __version__ = "0.1.0"
 
+# Submodules the README names that are heavier (timm, matplotlib, training loops) or would import
+# back into the package: loaded on first attribute access, so ``import tomec; tomec.reference.patch``
+# works without making ``import tomec`` pay for them.
+_LAZY_SUBMODULES = frozenset({
+    "reference", "flops", "vis", "calibrate", "dtem", "fpet", "diffrate_search", "finetune", "demo",
+    "kernel_check", "cli", "passes", "kernels", "bench",
+})
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY_SUBMODULES)
+
 __all__ = [
     "backend",
     "TomecBackend",
