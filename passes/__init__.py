@@ -15,6 +15,7 @@ from torch.fx import GraphModule, Node
 
 from tomec.config import TomecConfig
 from tomec.errors import UnsupportedModelError
+from tomec.frames import DynamoFrame
 
 from . import graph_utils as gu
 from .decompose import decompose_attention_calls
@@ -24,7 +25,7 @@ from .plan import Plan, make_plan
 from .pooling import weight_token_means
 from .shapes import fix_shapes, validate
 
-__all__ = ["rewrite", "RewriteResult", "PassReport", "find_blocks", "AttentionBlock", "Plan"]
+__all__ = ["rewrite", "RewriteResult", "PassReport", "ModelContext", "find_blocks", "AttentionBlock", "Plan"]
 
 log = logging.getLogger("tomec.passes")
 
@@ -67,6 +68,7 @@ class RewriteResult:
     num_outputs: int = 0
     tokens_per_block: list[int] = field(default_factory=list)  # measured on the validated graph
     graph_break: Optional[str] = None  # the graph ended at a break (why, and where)
+    kind: str = "blocks"  # "blocks" (rewritten), "stem" or "head" (no attention block, unchanged), "none"
 
 
 def _device_type(block: AttentionBlock) -> str:
@@ -93,18 +95,73 @@ def _refuse_unmerged_attention(
             report.notes.append("warning: " + msg)
 
 
-def _graph_break(gm: GraphModule, num_blocks: int) -> Optional[str]:
-    """Why ``gm`` ends at a graph break (Dynamo records it on the module), or None."""
+def _graph_break(gm: GraphModule) -> Optional[str]:
+    """Where and why ``gm`` ends at a graph break (Dynamo records it on the module), or None."""
     reason = getattr(gm, "compile_subgraph_reason", None)
     if reason is None or not getattr(reason, "graph_break", False):
         return None
     stack = getattr(reason, "user_stack", None) or []
     where = f" at {stack[-1].filename}:{stack[-1].lineno}" if stack else ""
-    return (
-        f"the traced graph stops at a graph break after {num_blocks} attention blocks "
-        f"({str(reason.reason).strip()}{where}); the merge schedule spans the whole model, so its "
-        f"blocks must be in one graph: compile with fullgraph=True to see the break, then remove it"
-    )
+    first_line = str(reason.reason).strip().splitlines()[0] if str(reason.reason).strip() else "graph break"
+    return f"{first_line}{where}"
+
+
+@dataclass
+class ModelContext:
+    """What the backend knows of the model beyond this graph (the Python stack, earlier graphs)."""
+
+    frame: Optional[DynamoFrame] = None
+    earlier_break: Optional[str] = None  # the last graph break an earlier graph of this model ended at
+    blocks_seen: bool = False  # an earlier graph of this model held attention blocks
+
+
+_FIX_BREAK = (
+    "the merge schedule spans the whole model, so its blocks must be in one graph: compile with "
+    "fullgraph=True to see the break, then remove it"
+)
+
+
+def _attention_counts(model: Any, found: FoundBlocks) -> Optional[tuple[int, int, str]]:
+    """(attention modules in this graph, in the whole model, their class names), by module class;
+    None when the model or the classes are unknown."""
+    if model is None:
+        return None
+    nodes = [b.attn for b in found.blocks]
+    classes = {gu.module_class(n) for n in nodes} - {None}
+    if not classes:
+        return None
+    nodes += [s.node for s in found.skipped if gu.module_class(s.node) in classes]
+    in_graph = len({gu.module_path(n) for n in nodes})
+    in_model = sum(1 for m in model.modules() if type(m) in classes)
+    return in_graph, in_model, "/".join(sorted(c.__name__ for c in classes))
+
+
+def _split_blocks(found: FoundBlocks, broken: Optional[str], context: ModelContext) -> Optional[str]:
+    """Why this block graph holds only part of the model's blocks (a graph break), or None."""
+    counts = _attention_counts(context.frame.model if context.frame else None, found)
+    if counts is None:  # the model is unknown: a break after the blocks may cut them short
+        if broken:
+            return (f"the traced graph stops at a graph break after {len(found.blocks)} attention "
+                    f"blocks ({broken}); {_FIX_BREAK}")
+        return None
+    in_graph, in_model, names = counts
+    if in_graph >= in_model:
+        return None
+    if broken:
+        why = f"it stops at a graph break after {len(found.blocks)} attention blocks ({broken})"
+    elif context.earlier_break:
+        why = (f"a graph break ({context.earlier_break}) split the model, and Dynamo compiled "
+               f"{context.frame.describe()} as a graph of its own")
+    else:
+        why = (f"Dynamo compiled {context.frame.describe()} as a graph of its own (a graph break in "
+               f"its caller)")
+    return f"this graph holds {in_graph} of the model's {in_model} attention modules ({names}): {why}; {_FIX_BREAK}"
+
+
+def _unchanged(gm: GraphModule, report: PassReport, note: str, broken: Optional[str], kind: str) -> RewriteResult:
+    log.info("tomec: %s", note)
+    report.notes.append(note)
+    return RewriteResult(gm, None, report, graph_break=broken, kind=kind)
 
 
 def _append_outputs(gm: GraphModule, nodes: list[Node]) -> tuple[int, int]:
@@ -118,11 +175,17 @@ def _append_outputs(gm: GraphModule, nodes: list[Node]) -> tuple[int, int]:
 
 
 def rewrite(
-    gm: GraphModule, example_inputs: Sequence[Any], config: TomecConfig, after_break: Optional[str] = None
+    gm: GraphModule, example_inputs: Sequence[Any], config: TomecConfig, context: Optional[ModelContext] = None
 ) -> RewriteResult:
     """Insert token merging into a traced ViT graph (in place) and validate the result.
-    ``after_break``: an earlier graph of the same model ended at this graph break, so this one may be
-    its continuation (blocks whose schedule and prefix tokens cannot be known): left unchanged."""
+
+    ``context``: the model around the graph (the frame Dynamo compiles, earlier graphs of the model),
+    so that a graph break is told apart from a model: a graph without attention blocks before or after
+    the model's block graph (its stem or head) compiles unchanged; a block graph that holds fewer of
+    the model's attention modules than it has is an error naming the break; a block graph that resumes
+    after a break protects the model's prefix tokens, which it cannot see concatenated.
+    """
+    context = context or ModelContext()
     report = PassReport(graph_nodes=len(gm.graph.nodes))
     decomposed = decompose_attention_calls(gm)
     report.notes += decomposed
@@ -133,28 +196,46 @@ def rewrite(
     original = {n: gu.meta_shape(n, original=True) for n in gm.graph.nodes}
     found: FoundBlocks = find_blocks(gm)
     report.skipped = [str(s) for s in found.skipped]
+    broken = _graph_break(gm)
     if not found.blocks:
+        if context.blocks_seen:
+            return _unchanged(gm, report, "no attention block: the model's head after its block graph, "
+                              "compiled unchanged", broken, "head")
+        if broken:
+            return _unchanged(gm, report, f"no attention block before a graph break ({broken}): the "
+                              "model's stem, compiled unchanged", broken, "stem")
         msg = f"no attention block found in the graph; looked for {LOOKED_FOR}"
         if found.skipped:
             msg += "; candidates skipped: " + "; ".join(report.skipped)
+        if context.earlier_break:
+            msg += f"; an earlier graph of this model ended at a graph break ({context.earlier_break})"
         if config.strict:
             raise UnsupportedModelError(msg + " (strict=False compiles such a graph unchanged)")
         warnings.warn(f"tomec: {msg}; compiling the graph unchanged", stacklevel=2)
         log.warning("tomec: %s; compiling the graph unchanged", msg)
         report.notes.append("no attention block: compiled unchanged")
-        return RewriteResult(gm, None, report)
+        return RewriteResult(gm, None, report, graph_break=broken, kind="none")
 
-    broken = _graph_break(gm, len(found.blocks))
-    if broken and config.strict:
-        raise UnsupportedModelError(broken + " (strict=False compiles it unchanged)")
-    if broken or after_break:
-        msg = broken or f"these {len(found.blocks)} attention blocks may continue a graph split by a break: {after_break}"
+    split = _split_blocks(found, broken, context)
+    if split:
+        raise UnsupportedModelError(split)
+    starts_after_break = None
+    if context.frame is not None and context.frame.resumes:
+        starts_after_break = context.earlier_break or f"Dynamo resumes {context.frame.describe()}"
+    elif context.frame is None and context.earlier_break:  # the model is unknown: a guess is unsafe
+        msg = (f"these {len(found.blocks)} attention blocks may continue a graph split by a break "
+               f"({context.earlier_break}); {_FIX_BREAK}")
+        if config.strict:
+            raise UnsupportedModelError(msg)
         warnings.warn(f"tomec: {msg}; compiling this graph unchanged", stacklevel=2)
-        log.warning("tomec: %s; compiling this graph unchanged", msg)
-        report.notes.append("graph break: compiled unchanged")
-        return RewriteResult(gm, None, report, graph_break=broken)
+        return _unchanged(gm, report, "graph break: compiled unchanged", broken, "none")
+    if broken:
+        report.notes.append(f"the graph ends at a graph break ({broken}) after all the model's attention blocks")
 
-    plan = make_plan(found.blocks, config)
+    model = context.frame.model if context.frame else None
+    prefix = getattr(model, "num_prefix_tokens", None)
+    plan = make_plan(found.blocks, config, starts_after_break,
+                     prefix if isinstance(prefix, int) and not isinstance(prefix, bool) else None)
     report.schedule, report.protected = plan.schedule, plan.protected
     inserted = insert_merges(gm, plan, config, _device_type(found.blocks[0]))
     report.blocks = inserted.lines
@@ -165,7 +246,7 @@ def rewrite(
         )
     _refuse_unmerged_attention(found.skipped, inserted, config, report)
 
-    result = RewriteResult(gm, plan, report)
+    result = RewriteResult(gm, plan, report, graph_break=broken)
     if inserted.size is not None:
         report.notes += weight_token_means(gm, inserted.last_merge, inserted.size, plan.num_tokens)
         if config.trace_source:

@@ -85,8 +85,17 @@ def count_prefix_tokens(stream: Node) -> tuple[int, str]:
     return 0, "no prefix-token concat before the first block"
 
 
-def make_plan(blocks: list[AttentionBlock], config: TomecConfig) -> Plan:
-    """Resolve protected tokens and the schedule for the found blocks; raise early on bad input."""
+def make_plan(
+    blocks: list[AttentionBlock],
+    config: TomecConfig,
+    starts_after_break: Optional[str] = None,
+    model_prefix_tokens: Optional[int] = None,
+) -> Plan:
+    """Resolve protected tokens and the schedule for the found blocks; raise early on bad input.
+
+    ``starts_after_break``: the graph continues the model after this graph break, so prefix tokens
+    concatenated before it are out of sight; ``model_prefix_tokens`` (timm's ``num_prefix_tokens``)
+    then counts them, and without it ``protect="auto"`` is an error rather than a guess of 0."""
     first = blocks[0]
     for b in blocks:
         check_dtype(b.dtype, f"the attention keys of block {b.index} ({b.path})")
@@ -99,6 +108,17 @@ def make_plan(blocks: list[AttentionBlock], config: TomecConfig) -> Plan:
         )
     if config.protect == "auto":
         protected, how = count_prefix_tokens(first.stream)
+        if protected == 0 and starts_after_break:
+            if model_prefix_tokens is None:
+                raise UnsupportedModelError(
+                    f"the graph with the attention blocks starts after a graph break "
+                    f"({starts_after_break}), so tomec cannot see the CLS/register tokens "
+                    f"concatenated before the blocks; pass protect=<their count> (0 if the model has "
+                    f"none) or remove the break"
+                )
+            protected = model_prefix_tokens
+            how = (f"{protected} prefix tokens from the model's num_prefix_tokens (the graph starts "
+                   f"after a graph break: {starts_after_break})")
     else:
         protected, how = int(config.protect), "protect= given"
     if protected >= first.num_tokens:

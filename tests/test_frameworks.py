@@ -12,6 +12,7 @@ import torchvision
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+import tomec
 from tomec import methods
 
 from .helpers import TOLERANCE, compile_tomec, reference_of, relative_error
@@ -183,6 +184,30 @@ def test_same_weights_same_merged_logits(models, x, method):
             merged, be = compile_tomec(model, method=method, r=R, compiler="eager")
             err = relative_error(merged(x), expect)
             assert err <= TOLERANCE, f"{name}: relative error {err:.2e} against timm's eager reference"
+
+
+class HiddenStates(nn.Module):
+    """``output_hidden_states=True``: Hugging Face's first call breaks the graph at its hook
+    installation, so the classifier runs in a graph of its own after the block graph."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=x, output_hidden_states=True)
+        return out.logits + 0 * out.hidden_states[-1][:, :1, :1].sum()
+
+
+def test_hf_hidden_states_head_graph_after_a_break(models, x):
+    model = HiddenStates(models["hf_sdpa"].model).eval()
+    ref = reference_of(models["timm"], method="tome", r=R)
+    torch._dynamo.reset()
+    be = tomec.backend(method="tome", r=R, compiler="eager")  # strict
+    with torch.no_grad():
+        err = relative_error(torch.compile(model, backend=be)(x), ref(x))
+    assert err <= TOLERANCE, err
+    assert len(be._reports) >= 2 and "head after its block graph" in be.report()
 
 
 @pytest.mark.slow

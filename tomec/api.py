@@ -47,7 +47,8 @@ class TomecBackend:
         self.schedule: Optional[list[int]] = None
         self.protected: Optional[int] = None
         self.tokens_per_block: Optional[list[int]] = None
-        self._graph_break: Optional[str] = None  # set once a graph of this model ended at a break
+        self._graph_break: Optional[str] = None  # the last graph break a graph of this model ended at
+        self._blocks_seen = False  # a graph with attention blocks was rewritten
         self.last_info: Optional[dict[str, Any]] = None
         self.compile_seconds: list[float] = []
         self._reports: list[str] = []
@@ -68,11 +69,15 @@ class TomecBackend:
         mode: Optional[str] = None,
         options: Optional[Mapping[str, Any]] = None,
     ) -> Callable:
-        from tomec.passes import rewrite
+        from tomec.passes import ModelContext, rewrite
+
+        from .frames import current_frame
 
         start = time.perf_counter()
-        result = rewrite(gm, example_inputs, self.config, after_break=self._graph_break)
-        self._graph_break = self._graph_break or result.graph_break
+        context = ModelContext(current_frame(), self._graph_break, self._blocks_seen)
+        result = rewrite(gm, example_inputs, self.config, context)
+        self._graph_break = result.graph_break or self._graph_break
+        self._blocks_seen = self._blocks_seen or result.plan is not None
         self._reports.append(result.report.text())
         if result.plan is not None:
             self.schedule = list(result.plan.schedule)
