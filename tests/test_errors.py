@@ -107,6 +107,45 @@ def test_unknown_inductor_option_through_the_registered_backend():
             compiled(images("test_vit", 1))
     assert isinstance(info.value.inner_exception, ConfigError)
     assert "no_such_knob" in str(info.value.inner_exception)
+    assert "tomec's are" in str(info.value.inner_exception) and "list_options" in str(info.value.inner_exception)
+
+
+def _named_backend_error(options: dict) -> ConfigError:
+    torch._dynamo.reset()
+    compiled = torch.compile(make_model("test_vit"), backend="tomec", options=options)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info, torch.no_grad():
+        compiled(images("test_vit", 1))
+    assert isinstance(info.value.inner_exception, ConfigError), repr(info.value.inner_exception)
+    return info.value.inner_exception
+
+
+@pytest.mark.parametrize(
+    "options,expect",
+    [
+        # a typo under compiler="eager" used to be ignored silently
+        ({"r": 8, "compiler": "eager", "inflct": 0.0}, ["'inflct'", "'inflect'", "method 'tome'"]),
+        # another method's option used to read as an unknown Inductor option
+        ({"r": 8, "margin": 0.5}, ["'margin' belongs to method(s) ['pitome']", "not to 'tome'"]),
+        # Inductor options that eager would drop
+        ({"r": 8, "compiler": "eager", "max_autotune": True}, ["['max_autotune']", "compiler='eager'"]),
+        ({"r": 8, "trace_source": True}, ["trace_source=True", "backend.last_info", "tomec.backend("]),
+    ],
+)
+def test_registered_backend_options_are_checked(options, expect):
+    err = str(_named_backend_error(options))
+    for text in expect:
+        assert text in err, err
+
+
+def test_registered_backend_keeps_one_backend_per_compile():
+    """A head graph after a break is only told apart with the block graph's backend state."""
+    from .test_graph_breaks import X, HeadBreak, _vit
+
+    torch._dynamo.reset()
+    compiled = torch.compile(HeadBreak(_vit()).eval(), backend="tomec",
+                             options={"r": 12, "compiler": "eager"})
+    with torch.no_grad():
+        assert compiled(X).shape == (2, 1000)
 
 
 

@@ -166,6 +166,50 @@ def backend(
     )
 
 
+def _backend_from_options(options: Mapping[str, Any]) -> tuple[TomecBackend, dict[str, Any]]:
+    """Split ``torch.compile(..., backend="tomec", options=...)`` into tomec's settings, the method's
+    options and Inductor's; a key that is none of these is an error that lists the valid names."""
+    import torch._inductor.config as inductor_config
+
+    from . import methods
+
+    options = dict(options)
+    names = TomecConfig.field_names() - {"method_options"}
+    method = methods.get(options.get("method", "tome"))
+    ours = {k: options.pop(k) for k in list(options) if k in names}
+    method_options = {k: options.pop(k) for k in list(options) if k in method.options}
+    if ours.get("trace_source"):
+        raise ConfigError(
+            'trace_source=True in backend="tomec" options= leaves no backend object to read last_info '
+            "from; pass backend=tomec.backend(..., trace_source=True) and read backend.last_info"
+        )
+    for key in options:
+        others = [m for m in methods.available() if key in methods.get(m).options]
+        if others:
+            raise ConfigError(
+                f"option {key!r} belongs to method(s) {others}, not to {method.name!r}, whose options "
+                f"are {sorted(method.options) or 'none'}"
+            )
+        if not hasattr(inductor_config, key.split(".")[0]):
+            raise ConfigError(
+                f"unknown option {key!r} in options=: tomec's are {sorted(names)}; method "
+                f"{method.name!r}'s are {sorted(method.options) or 'none'}; any other key must be an "
+                f"Inductor option (torch._inductor.list_options())"
+            )
+    if options and ours.get("compiler") == "eager":
+        raise ConfigError(
+            f"Inductor options {sorted(options)} with compiler='eager' would do nothing: drop them or "
+            f"compile with Inductor"
+        )
+    return backend(**ours, **method_options), options
+
+
+# One TomecBackend per torch.compile call of the named backend: Dynamo passes the same options dict
+# for every graph of a model, and the graphs of one model share what the backend learnt (a graph
+# break, the block graph before a head graph). The dict is held so that its id stays its own.
+_NAMED_BACKENDS: dict[int, tuple[Mapping[str, Any], TomecBackend, dict[str, Any]]] = {}
+
+
 def tomec_dynamo_backend(
     gm: GraphModule,
     example_inputs: Sequence[Any],
@@ -173,14 +217,14 @@ def tomec_dynamo_backend(
     options: Optional[Mapping[str, Any]] = None,
 ) -> Callable:
     """The backend registered as ``"tomec"``: ``torch.compile(m, backend="tomec",
-    options={"method": "tome", "r": 100})``. Keys that are not tomec's (or the method's) options go
-    to Inductor."""
-    from . import methods
-
-    options = dict(options or {})
-    names = TomecConfig.field_names() - {"method_options"}
-    method = methods.get(options.get("method", "tome"))
-    ours = {k: options.pop(k) for k in list(options) if k in names}
-    method_options = {k: options.pop(k) for k in list(options) if k in method.options}
-    be = backend(**ours, **method_options)
-    return be(gm, example_inputs, mode=mode, options=options)
+    options={"method": "tome", "r": 100})``. Keys that are tomec's (or the method's) options configure
+    tomec; any other must be an Inductor option (unknown keys are an error listing the valid names)."""
+    options = options if options is not None else {}
+    entry = _NAMED_BACKENDS.get(id(options))
+    if entry is None or entry[0] is not options:
+        be, inductor_options = _backend_from_options(options)
+        if len(_NAMED_BACKENDS) >= 64:
+            _NAMED_BACKENDS.pop(next(iter(_NAMED_BACKENDS)))
+        entry = _NAMED_BACKENDS[id(options)] = (options, be, inductor_options)
+    _, be, inductor_options = entry
+    return be(gm, example_inputs, mode=mode, options=inductor_options)
