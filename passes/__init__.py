@@ -158,6 +158,17 @@ def _split_blocks(found: FoundBlocks, broken: Optional[str], context: ModelConte
     return f"this graph holds {in_graph} of the model's {in_model} attention modules ({names}): {why}; {_FIX_BREAK}"
 
 
+def _skipped_summary(skipped: list[Skipped]) -> str:
+    """The first skipped candidate in full, the others counted by kind (the text before a colon):
+    one reason, not a copy per block."""
+    kinds: dict[str, int] = {}
+    for s in skipped[1:]:
+        kind = s.reason.split(":")[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    more = "; ".join(f"{k} more: {kind}" for kind, k in kinds.items())
+    return f"{skipped[0]}" + (f" ({more})" if more else "")
+
+
 def _unchanged(gm: GraphModule, report: PassReport, note: str, broken: Optional[str], kind: str) -> RewriteResult:
     log.info("tomec: %s", note)
     report.notes.append(note)
@@ -206,7 +217,7 @@ def rewrite(
                               "model's stem, compiled unchanged", broken, "stem")
         msg = f"no attention block found in the graph; looked for {LOOKED_FOR}"
         if found.skipped:
-            msg += "; candidates skipped: " + "; ".join(report.skipped)
+            msg = f"no attention block tomec can merge in the graph: {_skipped_summary(found.skipped)}"
         if context.earlier_break:
             msg += f"; an earlier graph of this model ended at a graph break ({context.earlier_break})"
         if config.strict:

@@ -251,9 +251,11 @@ def _position_table(att: _Attention, stream: Node) -> Optional[str]:
     leaves.discard(stream)
     for leaf in sorted(leaves, key=lambda a: a.name):
         value = gu.original_value(leaf)
-        if not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter) or value.dim() < 2:
+        if not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter) or value.dim() < 1:
             continue
-        if any(isinstance(d, int) and n - 8 <= d <= n for d in value.shape):
+        # [.., N, ..] tables, or an [N·N] relative position index flattened (timm's RelPosMlp)
+        flat_square = value.dim() == 1 and any(value.numel() == m * m for m in range(n - 8, n + 1))
+        if flat_square or value.dim() >= 2 and any(isinstance(d, int) and n - 8 <= d <= n for d in value.shape):
             return (f"position-dependent attention: {leaf.name} of shape {list(value.shape)} (a per-token "
                     f"table for {n} tokens: rotary or relative position embeddings, as in EVA-02, BEiT or "
                     f"SAM) enters q, k or the logits; a merged token has no single position")

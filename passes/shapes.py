@@ -10,9 +10,10 @@ propagation, so each reshape sees the already-rewritten shape of its input.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch.fx import GraphModule, Node
@@ -117,6 +118,17 @@ def fixed_reshape_args(
     return out
 
 
+@contextlib.contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class _NamingProp(FakeTensorProp):
     """Fake-tensor propagation whose failures name the node (never a trace from deep inside)."""
 
@@ -126,6 +138,10 @@ class _NamingProp(FakeTensorProp):
         if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
             return self._mode.from_tensor(value, static_shapes=True)
         return value
+
+    def propagate_dont_convert_inputs(self, *args: Any) -> Any:
+        with _quiet_fake_tensor_log():  # a failure is re-raised naming the node: no log traceback
+            return super().propagate_dont_convert_inputs(*args)
 
     def run_node(self, n: Node) -> Any:
         try:
@@ -208,9 +224,7 @@ def validate(gm: GraphModule, example_inputs: Sequence[Any]) -> None:
     refreshed so later compilers see the merged shapes."""
     gm.graph.lint()
     mode = fake_mode_for(gm, example_inputs)
-    _NamingProp(gm, mode).propagate_dont_convert_inputs(
-        *_placeholder_values(gm, example_inputs, mode)
-    )
+    _NamingProp(gm, mode).propagate_dont_convert_inputs(*_placeholder_values(gm, example_inputs, mode))
     for node in gm.graph.nodes:
         if "val" in node.meta and node.op != "placeholder":
             node.meta["example_value"] = node.meta["val"]

@@ -164,3 +164,26 @@ def test_dynamic_token_count_is_refused():
     err = info.value.inner_exception
     assert isinstance(err, UnsupportedModelError)
     assert "is dynamic; tomec needs a static image size" in str(err)
+
+
+class LatePosition(nn.Module):
+    """A per-token parameter added between blocks: merged tokens cannot broadcast with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.models.vision_transformer import Block
+
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([Block(dim=32, num_heads=2) for _ in range(2)])
+        self.late = nn.Parameter(torch.randn(1, 17, 32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[1](self.blocks[0](x) + self.late)
+
+
+def test_shape_failure_after_merging_is_named_without_log_noise(capfd):
+    capfd.readouterr()
+    err = compile_error(LatePosition().eval(), torch.randn(2, 17, 32), r=4, protect=1, compiler="eager")
+    assert isinstance(err, UnsupportedModelError)
+    assert "fails on the new token counts" in str(err), str(err)
+    assert "Traceback" not in capfd.readouterr().err  # the error says it; the fake-tensor log does not repeat it
