@@ -22,7 +22,7 @@ from .decompose import decompose_attention_calls
 from .blocks import AttentionBlock, FoundBlocks, Skipped, find_blocks
 from .insert import Inserted, erase_replaced, insert_merges
 from .plan import Plan, make_plan
-from .pooling import weight_token_means
+from .pooling import token_means, weight_token_means
 from .shapes import fix_shapes, validate
 
 __all__ = ["rewrite", "RewriteResult", "PassReport", "ModelContext", "find_blocks", "AttentionBlock", "Plan"]
@@ -113,6 +113,7 @@ class ModelContext:
     frame: Optional[DynamoFrame] = None
     earlier_break: Optional[str] = None  # the last graph break an earlier graph of this model ended at
     blocks_seen: bool = False  # an earlier graph of this model held attention blocks
+    tokens_out: Optional[int] = None  # the tokens the last block graph passed on
 
 
 _FIX_BREAK = (
@@ -210,6 +211,14 @@ def rewrite(
     broken = _graph_break(gm)
     if not found.blocks:
         if context.blocks_seen:
+            means = token_means(gm, context.tokens_out) if context.tokens_out else []
+            if means:
+                msg = (f"the head graph after a graph break averages the {context.tokens_out} merged "
+                       f"tokens without their sizes ({', '.join(means)}), as one graph would weight them; "
+                       f"remove the break ({context.earlier_break or 'see fullgraph=True'}) for the "
+                       f"size-weighted mean")
+                warnings.warn("tomec: " + msg, stacklevel=2)
+                report.notes.append("warning: " + msg)
             return _unchanged(gm, report, "no attention block: the model's head after its block graph, "
                               "compiled unchanged", broken, "head")
         if broken:

@@ -81,3 +81,20 @@ def weight_token_means(gm: GraphModule, last_merge: Node, size: Node, num_tokens
         replaced.append(f"{node.name} (mean over tokens {start}:) -> size-weighted mean")
         log.info("tomec: pooling %s", replaced[-1])
     return replaced
+
+
+def token_means(gm: GraphModule, num_tokens: int) -> list[str]:
+    """The means over a ``[B, num_tokens, C]`` stream in ``gm`` (a head graph after a break, whose
+    sizes are in another graph): what would be size-weighted had it been one graph."""
+    found = []
+    for node in gm.graph.nodes:
+        mean = _mean_over_tokens(node)
+        if mean is None:
+            continue
+        src = mean[0]
+        start = _token_slice_start(src)
+        stream = src.args[0] if start is not None else src
+        shape = gu.meta_shape(stream, original=True)
+        if shape is not None and len(shape) == 3 and shape[1] == num_tokens:
+            found.append(node.name)
+    return found

@@ -147,3 +147,11 @@ def test_a_model_without_blocks_is_still_refused_across_a_break():
 
     err = _break_error(Convs(), X, method="tome", r=4)
     assert "no attention block found" in str(err) and "earlier graph of this model ended at a graph break" in str(err)
+
+
+def test_head_graph_mean_over_merged_tokens_warns():
+    """A global-average-pool head after a break cannot see the sizes: said, not silently unweighted."""
+    vit = _vit(global_pool="avg", class_token=False)
+    with pytest.warns(UserWarning, match="averages the .* merged tokens without their sizes"):
+        out, be = _run(HeadBreak(vit).eval(), X, method="tome", r=12, protect=0)
+    assert sum(be.schedule) == 12
