@@ -46,6 +46,20 @@ def test_r_larger_than_mergeable_tokens():
     assert "r=500" in str(err) and "at most 98 of the 100 mergeable tokens" in str(err)
 
 
+def test_r_far_beyond_the_capacity_is_refused_before_it_is_spread(monkeypatch):
+    """r=10**8 is refused by the capacity check before the schedule is spread: per_layer (which the
+    spread of tomec 0.x called once per base up to r / L, ten million times here) is never called."""
+    from tomec import schedule
+
+    def no_spread(*args):
+        raise AssertionError("per_layer called for an r beyond the capacity")
+
+    monkeypatch.setattr(schedule, "per_layer", no_spread)
+    err = compile_error(make_model("test_vit"), images("test_vit", 2), r=10**8, compiler="eager")
+    assert isinstance(err, ScheduleError), err
+    assert "r=100000000" in str(err) and "at most 98 of the 100 mergeable tokens" in str(err)
+
+
 def test_schedule_of_wrong_length():
     err = compile_error(make_model("test_vit"), images("test_vit", 2), schedule=[4] * 12, compiler="eager")
     assert isinstance(err, ScheduleError)

@@ -181,7 +181,11 @@ def test_default_block_and_option():
         (lambda: TomecConfig(method="fpet", r=99).resolve_schedule(12, 197, 1), ScheduleError,
          r"reduction blocks \[6\] can remove at most 98 of the 196"),
         (lambda: TomecConfig(method="fpet", r=9).resolve_schedule(12, 198, 1), ConfigError,
-         "197 patches, which is not a square"),
+         r"197 patches, which is not a square grid .* a 14x14 patch grid, give protect=2;"),
+        # a 10x8 grid without prefix tokens: no protect= value helps, and the message says so
+        (lambda: TomecConfig(method="fpet", r=9).resolve_schedule(12, 80, 0), ConfigError,
+         r"80 patches, which is not a square grid \(side 8 gives 64\), and no protect= value .* "
+         r"FPET needs a square patch grid, and this model's 80 tokens leave none"),
         (lambda: TomecConfig(method="fpet", r=9, method_options={"block": 12}).resolve_schedule(12, 197, 1),
          ScheduleError, r"block\(s\) \[12\] do not exist"),
     ],
@@ -238,3 +242,28 @@ def test_recorded_adapter_accuracy():
     scores = finetune_fpet.evaluate(load_trained(), x_test, y_test, adapter=finetune_fpet.ADAPTER)
     assert scores["accuracy"] == pytest.approx(row["trained_adapter"]["accuracy"], abs=1e-9)
     assert scores["nll"] == pytest.approx(row["trained_adapter"]["nll"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "n,protected,suggested",
+    [(197, 0, 1), (198, 1, 2), (196, 1, 0), (12, 1, 3), (31, 5, 6), (80, 0, None), (80, 2, None),
+     (3, 0, None), (10**4 + 40, 1, None)],
+)
+def test_grid_error_suggests_only_a_protect_value_that_leaves_a_square(n, protected, suggested):
+    from tomec.ops.fpet import FPET_MAX_PREFIX, fpet_grid
+
+    with pytest.raises(ConfigError) as info:
+        fpet_grid(n, protected)
+    message = str(info.value)
+    assert f"{n} tokens with {protected} protected leave {n - protected} patches" in message
+    assert "so that the rest is a square" not in message  # the old advice, which no value could meet
+    if suggested is None:
+        assert "give protect=" not in message and f"this model's {n} tokens leave none" in message
+        assert not any(
+            int((n - p) ** 0.5) ** 2 == n - p and n - p >= 4 for p in range(min(n, FPET_MAX_PREFIX + 1))
+        )
+    else:
+        side = int((n - suggested) ** 0.5)
+        assert side * side == n - suggested
+        assert f"a {side}x{side} patch grid, give protect={suggested};" in message
+        assert fpet_grid(n, suggested) == side  # the advice works

@@ -296,3 +296,103 @@ def test_diffrate_sizes_stay_positive_for_dissimilar_sources():
     assert size[0, :, 0].tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]  # the two sources: cosine -1
     _, size_out = ops.merge(x, size, dest, 3, torch.ones_like(size))
     assert torch.isfinite(size_out.log()).all() and size_out[0, :, 0].tolist() == [1.0, 1.0, 1.0]
+
+
+def _diffrate_schedule(kept, num_layers=6, num_tokens=101, protected=1):
+    config = tomec.TomecConfig(method="diffrate", method_options={"kept": kept})
+    return config.resolve_schedule(num_layers, num_tokens, protected)
+
+
+@pytest.mark.parametrize("num_tokens", [101, 197])
+def test_diffrate_kept_counts_above_the_model_are_errors(num_tokens):
+    with pytest.raises(ScheduleError, match=rf"merge_kept\[0\]=200 is more than the {num_tokens} tokens"):
+        _diffrate_schedule({"prune_kept": [101] * 6, "merge_kept": [200] * 6}, num_tokens=num_tokens)
+    with pytest.raises(ScheduleError, match=rf"prune_kept\[3\]=250 is more than the {num_tokens} tokens"):
+        _diffrate_schedule({"prune_kept": [90, 80, 70, 250, 50, 40], "merge_kept": [85, 75, 65, 55, 45, 35]},
+                           num_tokens=num_tokens)
+
+
+@pytest.mark.parametrize("protected", [1, 2])
+def test_diffrate_kept_counts_must_keep_more_than_the_protected_tokens(protected):
+    kept = {"prune_kept": [101, 90, 80, protected, 50, 40], "merge_kept": [95, 85, 75, 60, 45, 35]}
+    with pytest.raises(ScheduleError, match=rf"prune_kept\[3\]={protected} keeps no more than the "
+                                            rf"{protected} protected tokens; block 3 must keep at least"):
+        _diffrate_schedule(kept, protected=protected)
+    kept = {"prune_kept": [101, 90, 80, 70, 50, 40], "merge_kept": [95, 85, 75, 60, 45, protected]}
+    with pytest.raises(ScheduleError, match=rf"merge_kept\[5\]={protected} keeps no more"):
+        _diffrate_schedule(kept, protected=protected)
+    # one patch token beside the protected ones is the least a block may keep
+    kept = {"prune_kept": [101] + [protected + 1] * 5, "merge_kept": [60] + [protected + 1] * 5}
+    assert _diffrate_schedule(kept, protected=protected) == [41, 59 - protected, 0, 0, 0, 0]
+
+
+def test_diffrate_counts_above_the_tokens_present_warn_and_clamp_as_the_original():
+    # block 2 asks to keep 95 of the 90 tokens that reach it: it prunes and merges nothing
+    kept = {"prune_kept": [101, 90, 95, 80, 70, 60], "merge_kept": [101, 90, 95, 80, 70, 60]}
+    with pytest.warns(UserWarning, match=r"block 2 prunes nothing \(prune_kept 95, 90 tokens enter\); "
+                                         r"block 2 merges nothing \(merge_kept 95, 90 tokens after pruning\)"):
+        assert _diffrate_schedule(kept) == [0, 11, 0, 10, 10, 10]
+    # a merge count above its block's prune count: the block only prunes
+    kept = {"prune_kept": [101, 90, 80, 70, 60, 50], "merge_kept": [95, 85, 85, 65, 55, 45]}
+    with pytest.warns(UserWarning, match=r"block 2 merges nothing \(merge_kept 85, 80 tokens after pruning\)"):
+        schedule = _diffrate_schedule(kept)
+    assert schedule == [6, 10, 5, 15, 10, 10]
+    config = tomec.TomecConfig(method="diffrate", method_options={"kept": kept})
+    assert [config.method_spec.layer_merge(i, 6, r, config.method_options).n_dropped
+            for i, r in enumerate(schedule)] == [0, 5, 5, 10, 5, 5]  # block 2 removes only its 5 pruned
+
+
+# Published searched schedules of DiffRate's original (OpenGVLab/DiffRate, compression_rate.json):
+# DeiT-S at 2.9 GFLOPs, whose counts never rise, and at 2.5, where blocks 6 and 7 prune to more
+# tokens than reach them (the original clamps those, as tomec does).
+_DIFFRATE_DEIT_S = {
+    2.9: {"prune_kept": [197, 196, 190, 168, 150, 139, 129, 117, 99, 78, 58, 3],
+          "merge_kept": [197, 194, 176, 156, 141, 133, 121, 107, 88, 64, 56, 3]},
+    2.5: {"prune_kept": [197, 192, 174, 156, 131, 115, 111, 99, 76, 50, 39, 3],
+          "merge_kept": [197, 186, 160, 133, 119, 107, 96, 82, 66, 43, 37, 3]},
+}
+
+
+def _official_tokens(kept, num_tokens):
+    out, n = [], num_tokens  # the original's evaluation: x[:, :prune_kept], then merge to merge_kept
+    for pk, mk in zip(kept["prune_kept"], kept["merge_kept"]):
+        n = min(n, pk, mk)
+        out.append(n)
+    return out
+
+
+def test_diffrate_official_and_shipped_schedules_still_pass():
+    import warnings
+    from pathlib import Path
+
+    for flops, kept in _DIFFRATE_DEIT_S.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error" if flops == 2.9 else "ignore")
+            schedule = _diffrate_schedule(kept, 12, 197, 1)
+        left = [197 - sum(schedule[: i + 1]) for i in range(12)]
+        assert left == _official_tokens(kept, 197), flops
+    with pytest.warns(UserWarning, match=r"block 6 prunes nothing \(prune_kept 111, 107 tokens enter\); "
+                                         r"block 7 prunes nothing \(prune_kept 99, 96 tokens enter\)$"):
+        _diffrate_schedule(_DIFFRATE_DEIT_S[2.5], 12, 197, 1)
+
+    # the schedules this repository ships (searched and geometric ones on the 6-block digits ViT)
+    results = json.loads((Path(__file__).parents[1] / "bench/results/finetune-diffrate.json").read_text())
+    shipped = []
+
+    def collect(node):
+        if isinstance(node, dict):
+            if "prune_kept" in node:
+                shipped.append(node)
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(results)
+    assert len(shipped) >= 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for kept in shipped:
+            left = [65 - sum(_diffrate_schedule(kept, 6, 65, 1)[: i + 1]) for i in range(6)]
+            assert left == _official_tokens(kept, 65)

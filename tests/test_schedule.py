@@ -176,3 +176,78 @@ def test_blocks_from_the_method_through_the_config():
     assert TomecConfig(method="fpet", r=98).resolve_schedule(L, N, P)[6] == 98
     with pytest.raises(ScheduleError, match=r"block 1, which does not reduce: .* blocks \[2\]"):
         TomecConfig(method="fpet", schedule=[0, 5, 0, 0]).resolve_schedule(4, 101, 1)
+
+
+# --- spread: a bisection instead of a loop up to r -------------------------------------------------
+
+
+def _old_spread(r, num_layers, inflect, total_of):
+    """tomec 0.x's spread, the loop over every base up to r, kept as the oracle (``total_of(b)`` is
+    ``sum(per_layer(b, inflect, num_layers))``, memoised so that 3000 values of r stay fast)."""
+    best_b, best_err, b = 0, r, 0
+    while True:
+        total = total_of(b)
+        err = abs(total - r)
+        if err < best_err:
+            best_b, best_err = b, err
+        if total > r or b > r:
+            break
+        b += 1
+    values = schedule.per_layer(best_b, inflect, num_layers)
+    order = range(num_layers) if inflect < 0 else range(num_layers - 1, -1, -1)
+    return schedule._push(values, r - sum(values), list(order))
+
+
+@pytest.mark.parametrize(
+    "num_layers,inflect", [(12, -0.5), (12, 0.0), (12, 0.5), (7, -1.0), (24, 1.0), (7, 0.3)]
+)
+def test_spread_equals_the_old_loop(num_layers, inflect):
+    totals = [sum(schedule.per_layer(b, inflect, num_layers)) for b in range(3002)]
+    # what the bisection relies on: the total never decreases with the base
+    assert all(a <= b for a, b in zip(totals, totals[1:]))
+    for r in range(3001):
+        assert schedule.spread(r, num_layers, inflect) == _old_spread(
+            r, num_layers, inflect, totals.__getitem__
+        ), r
+
+
+def _count_per_layer(monkeypatch, limit):
+    calls = []
+    real = schedule.per_layer
+
+    def counted(*args):
+        calls.append(args)
+        assert len(calls) <= limit, f"per_layer called more than {limit} times"
+        return real(*args)
+
+    monkeypatch.setattr(schedule, "per_layer", counted)
+    return calls
+
+
+@pytest.mark.parametrize("num_layers,inflect", [(12, -0.5), (1, 0.0), (2, 1.0), (24, -1.0)])
+def test_spread_does_not_loop_up_to_r(monkeypatch, num_layers, inflect):
+    calls = _count_per_layer(monkeypatch, 40)  # the loop called it once per base: r / L times
+    out = schedule.spread(10**7, num_layers, inflect)
+    assert sum(out) == 10**7 and len(out) == num_layers and min(out) >= 0
+    assert len(calls) <= 40
+
+
+def test_r_beyond_the_capacity_is_refused_before_it_is_spread(monkeypatch):
+    def no_spread(*args, **kwargs):
+        raise AssertionError("spread called for an r beyond the capacity")
+
+    monkeypatch.setattr(schedule, "spread", no_spread)
+    calls = _count_per_layer(monkeypatch, 0)
+    with pytest.raises(ScheduleError, match=r"r=100000000 .* at most 195 of the 196 mergeable"):
+        schedule.resolve(L, N, P, r=10**8)
+    with pytest.raises(ScheduleError, match=r"r=100000000 .* reduction blocks \[3, 6, 9\]"):
+        schedule.resolve(L, N, P, r=10**8, blocks=[3, 6, 9], cap=_atc_cap)
+    from tomec.config import TomecConfig
+
+    for method in ("tome", "atc", "fpet", "mctf"):  # every method that spreads r, via the config
+        with pytest.raises(ScheduleError, match="r=100000000"):
+            TomecConfig(method=method, r=10**8).resolve_schedule(L, N, P)
+    assert calls == []
+    # an invalid inflect is still named first, not hidden behind the capacity error
+    with pytest.raises(ConfigError, match="inflect"):
+        schedule.resolve(L, N, P, r=10**8, inflect=2.0)

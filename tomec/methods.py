@@ -410,22 +410,55 @@ def load_diffrate_kept(kept: Any) -> dict[str, list[int]]:
     return out
 
 
+class DiffRateKeptWarning(UserWarning):
+    """A DiffRate kept count that does nothing where it stands (above the tokens reaching its step)."""
+
+
 def _diffrate_plan(kept: Mapping[str, list[int]], num_layers: int, num_tokens: int, protected: int):
-    """Per-block (removed, pruned) from kept counts; an error names the first impossible block."""
+    """Per-block (removed, pruned) from kept counts, as DiffRate's original evaluates them: block
+    ``l`` keeps ``min(n, prune_kept[l])`` of the ``n`` tokens it receives, then
+    ``min(that, merge_kept[l])``.
+
+    A count above the tokens the model has, or one that keeps no more than the protected tokens, is
+    an error naming the block. A count above the tokens that reach its step (a prune count above
+    the block's input, a merge count above what the pruning left: counts that rise along the depth
+    or a merge count above its block's prune count) does nothing there; the original clamps it the
+    same way and its published schedules have such counts, so it is allowed, with a warning that
+    names the blocks.
+    """
     if len(kept["merge_kept"]) != num_layers:
         raise ScheduleError(
             f"diffrate: the kept schedule has {len(kept['merge_kept'])} entries but the model has "
             f"{num_layers} attention blocks"
         )
-    plan, n = [], num_tokens
+    plan, n, idle = [], num_tokens, []
     for layer, (pk, mk) in enumerate(zip(kept["prune_kept"], kept["merge_kept"])):
-        pk, mk = min(pk, n), min(mk, n, pk)  # as the official code: counts never grow
-        if mk <= protected:
-            raise ScheduleError(
-                f"diffrate: block {layer} keeps {mk} tokens, not more than the {protected} protected"
-            )
-        plan.append((n - mk, n - pk))
-        n = mk
+        for name, count in (("prune_kept", pk), ("merge_kept", mk)):
+            if count > num_tokens:
+                raise ScheduleError(
+                    f"diffrate: {name}[{layer}]={count} is more than the {num_tokens} tokens the "
+                    f"model has (kept counts include the {protected} protected)"
+                )
+            if count <= protected:
+                raise ScheduleError(
+                    f"diffrate: {name}[{layer}]={count} keeps no more than the {protected} protected "
+                    f"tokens; block {layer} must keep at least {protected + 1}"
+                )
+        if pk > n:
+            idle.append(f"block {layer} prunes nothing (prune_kept {pk}, {n} tokens enter)")
+        pruned = min(pk, n)
+        if mk > pruned:
+            idle.append(f"block {layer} merges nothing (merge_kept {mk}, {pruned} tokens after pruning)")
+        out = min(mk, pruned)
+        plan.append((n - out, n - pruned))
+        n = out
+    if idle:
+        warnings.warn(
+            f"diffrate: kept counts above the tokens that reach their step do nothing there "
+            f"(DiffRate's original clamps them the same way): {'; '.join(idle)}",
+            DiffRateKeptWarning,
+            stacklevel=3,
+        )
     return plan
 
 

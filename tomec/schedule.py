@@ -107,8 +107,34 @@ def _push(values: list[int], amount: int, order: Sequence[int]) -> list[int]:
     raise ScheduleError(f"internal: cannot place remainder {amount} in {values}")
 
 
+def _total(base: int, inflect: float, num_layers: int) -> int:
+    return sum(per_layer(base, inflect, num_layers))
+
+
+def _first_above(target: int, inflect: float, num_layers: int) -> int:
+    """The smallest ``b >= 0`` whose total exceeds ``target``, by bisection: the total never decreases
+    with ``b`` (``lo`` and ``hi`` of :func:`per_layer` both grow with it, as ``1 - inflect`` is in
+    [0, 2]), and it lies within ``L b - L`` (each of the ``L`` entries truncates less than 1 below
+    the line from ``lo`` to ``hi``, whose mean is ``b``) and ``L b``. So the answer is within a few
+    of ``target / L``: a handful of sums, whatever ``target`` is."""
+    low = max(target, -1) // num_layers + 1  # below it, L b <= target: no b there qualifies
+    high = (max(target, 0) + num_layers + 1) // num_layers + 1  # L b - L - 1 > target
+    while _total(high, inflect, num_layers) <= target:  # not expected: rounding beyond the bound
+        low, high = high + 1, 2 * high
+    while low < high:
+        mid = (low + high) // 2
+        if _total(mid, inflect, num_layers) > target:
+            high = mid
+        else:
+            low = mid + 1
+    return low
+
+
 def spread(r: int, num_layers: int, inflect: float = -0.5) -> list[int]:
     """Spread a total ``r`` over ``num_layers`` blocks by the METHODS.md rule (no caps applied).
+
+    The base ``b`` is the one whose total is closest to ``r`` (ties: the smaller), found by a short
+    bisection (:func:`_first_above`): the time does not grow with ``r``.
 
     >>> spread(98, 12, -0.5)
     [8, 12, 11, 10, 10, 9, 8, 7, 7, 6, 5, 5]
@@ -117,15 +143,13 @@ def spread(r: int, num_layers: int, inflect: float = -0.5) -> list[int]:
     inflect = check_inflect(inflect)
     if num_layers < 1:
         raise ScheduleError(f"cannot spread r={r} over {num_layers} blocks")
-    best_b, best_err, b = 0, r, 0
-    while True:
-        total = sum(per_layer(b, inflect, num_layers))
-        err = abs(total - r)
-        if err < best_err:
-            best_b, best_err = b, err
-        if total > r or b > r:
-            break
-        b += 1
+    # The smallest b summing to more than r; below it every total is at most r, so the closest
+    # under r is the smallest b reaching the largest of them (the total at above - 1).
+    above = _first_above(r, inflect, num_layers)  # >= 1: the total at 0 is 0
+    under = _total(above - 1, inflect, num_layers)
+    best_b = _first_above(under - 1, inflect, num_layers) if under > 0 else 0
+    if _total(above, inflect, num_layers) - r < r - _total(best_b, inflect, num_layers):
+        best_b = above
     values = per_layer(best_b, inflect, num_layers)
     remainder = r - sum(values)
     order = range(num_layers) if inflect < 0 else range(num_layers - 1, -1, -1)
@@ -307,9 +331,11 @@ def resolve(
         return values
 
     r = check_r(r)
-    wanted = _place(spread(r, n_spread, inflect), blocks, num_layers)
+    check_inflect(inflect)
     what = f"r={r} with inflect={inflect}"
+    # the capacity first: an r no model could meet is refused before it is spread
     _check_total(r, num_layers, num_tokens, num_protected, cap, what, blocks)
+    wanted = _place(spread(r, n_spread, inflect), blocks, num_layers)
     return _carry_forward(wanted, num_tokens, num_protected, cap, what, blocks)
 
 

@@ -36,15 +36,45 @@ def fpet_metric(keys: Tensor, down: Optional[Tensor] = None, up: Optional[Tensor
     return k + hidden @ up.to(k.dtype).transpose(0, 1)
 
 
+# The most prefix tokens the error below considers (CLS, a distillation token, a few registers): a
+# protect= value beyond it would hide patches from the merge, which is no fix for a patch grid that
+# is not square, so it is never suggested.
+FPET_MAX_PREFIX = 8
+
+
+def _square_protect(num_tokens: int, protected: int) -> Optional[int]:
+    """The protect value nearest ``protected`` (ties: the smaller), at most ``FPET_MAX_PREFIX``, that
+    leaves a square grid of at least 2×2 patches; None when there is none."""
+    fits = [
+        p for p in range(min(num_tokens, FPET_MAX_PREFIX + 1))
+        if p != protected and num_tokens - p >= 4 and math.isqrt(num_tokens - p) ** 2 == num_tokens - p
+    ]
+    return min(fits, key=lambda p: (abs(p - protected), p), default=None)
+
+
 def fpet_grid(num_tokens: int, protected: int) -> int:
     """Side ``s`` of the square patch grid of the ``T = N - protected`` non-protected tokens."""
     t = num_tokens - protected
     side = math.isqrt(max(t, 0))
     if t < 0 or side * side != t:
-        raise ConfigError(
+        head = (
             f"FPET splits the patch grid like a checkerboard: {num_tokens} tokens with {protected} "
             f"protected leave {t} patches, which is not a square grid (side {side} gives "
-            f"{side * side}); give protect= so that the rest is a square"
+            f"{side * side})"
+        )
+        p = _square_protect(num_tokens, protected)
+        if p is not None:
+            s = math.isqrt(num_tokens - p)
+            raise ConfigError(
+                f"{head}. If the model has {p or 'no'} prefix token{'' if p == 1 else 's'} (CLS, "
+                f"distillation, registers) before a {s}x{s} patch grid, give protect={p}; otherwise "
+                f"FPET cannot reduce it: it needs a square patch grid"
+            )
+        raise ConfigError(
+            f"{head}, and no protect= value (0 to {FPET_MAX_PREFIX} prefix tokens) leaves one: FPET "
+            f"needs a square patch grid, and this model's {num_tokens} tokens leave none (a "
+            f"non-square grid such as 10x8 cannot be split like a checkerboard here); use another "
+            f"method"
         )
     return side
 
