@@ -18,9 +18,11 @@ counts exactly once; the counts are all-reduced at the end (NCCL on CUDA, gloo o
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -30,8 +32,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import tomec
+from tomec.errors import ConfigError
 
-__all__ = ["load_model", "ExactDistributedSampler", "evaluate", "main"]
+__all__ = ["load_model", "ExactDistributedSampler", "ClassCountWarning", "evaluate", "main"]
+
+
+class ClassCountWarning(UserWarning):
+    """The image folder has fewer classes than the model's head."""
 
 
 def load_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None, **kwargs: Any):
@@ -88,11 +95,20 @@ def evaluate(
 
     Under ``torchrun`` each rank evaluates its share and the counts are all-reduced; every rank
     returns the totals. ``compile_merged=False`` runs the eager reference patch instead of the
-    compiled backend. ``limit``: evaluate only the first ``limit`` images. ``num_classes``: the head's
-    size when it is not the model's default (a fine-tuned checkpoint).
+    compiled backend. ``limit``: evaluate only the first ``limit`` images (at least 1).
+    ``num_classes``: the head's size when it is not the model's default (a fine-tuned checkpoint).
+    A folder with more classes than the head is an error; with fewer, a warning (its sorted names
+    give indices 0..k-1, which match the head's classes only if they are its first k).
     """
     import timm
     from torchvision.datasets import ImageFolder
+
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be at least 1 image, got {limit}")
+    if not os.path.isdir(data):
+        code = errno.ENOTDIR if os.path.exists(data) else errno.ENOENT
+        raise (NotADirectoryError if code == errno.ENOTDIR else FileNotFoundError)(
+            code, "not an image folder" if code == errno.ENOTDIR else "no such image folder", str(data))
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -109,8 +125,13 @@ def evaluate(
     dataset = ImageFolder(data, transform=timm.data.create_transform(**cfg, is_training=False))
     head = getattr(net, "num_classes", None)
     if head is not None and len(dataset.classes) > head:
-        raise ValueError(f"{data} has {len(dataset.classes)} classes but {model} predicts {head}; "
-                         f"pass num_classes (--num-classes) for a fine-tuned head")
+        raise ConfigError(f"{data} has {len(dataset.classes)} classes but {model} predicts {head}; "
+                          f"pass num_classes (--num-classes) for a fine-tuned head")
+    if head is not None and len(dataset.classes) < head and rank == 0:
+        warnings.warn(f"{data} has {len(dataset.classes)} classes but {model} predicts {head}: the sorted "
+                      f"folder names are labels 0..{len(dataset.classes) - 1}, right only if they are the "
+                      f"head's first {len(dataset.classes)} classes (--num-classes for a fine-tuned head)",
+                      ClassCountWarning, stacklevel=2)
     if limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
     sampler = ExactDistributedSampler(dataset, world, rank) if world > 1 else None
@@ -128,7 +149,8 @@ def evaluate(
     counts = torch.zeros(5, dtype=torch.float64)  # images, top-1 / top-5 unmerged, merged
     start = time.perf_counter()
     with torch.inference_mode():
-        for images, labels in tqdm(loader, desc=f"eval rank {rank}", disable=rank != 0):
+        # Progress on a terminal only (None: tqdm's own check), so a log or a pipe keeps errors clean.
+        for images, labels in tqdm(loader, desc=f"eval rank {rank}", disable=True if rank != 0 else None):
             images, labels = images.to(device), labels.to(device)
             c1, c5 = _topk_correct(net(images), labels)
             m1, m5 = _topk_correct(merged(images), labels)
@@ -151,7 +173,7 @@ def evaluate(
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from tomec.cli import add_merge_arguments, merge_kwargs
+    from tomec.cli import add_debug_argument, add_merge_arguments, merge_kwargs
 
     parser = argparse.ArgumentParser(prog="tomec eval", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="ImageNet-style folder: one subfolder per class")
@@ -164,10 +186,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--eager", action="store_true", help="the eager reference instead of compiling")
     parser.add_argument("--compiler", choices=("inductor", "eager"), default="inductor")
-    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images (N >= 1)")
     parser.add_argument("--num-classes", type=int, default=None, help="head size of a fine-tuned checkpoint")
     parser.add_argument("--out", default=None, help="JSON results (rank 0 writes)")
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1 image, got {args.limit}")
+    for flag, value in (("--batch", args.batch), ("--num-classes", args.num_classes)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
     kwargs = {k: v for k, v in merge_kwargs(args).items() if v is not None}
     result = evaluate(
         args.data, args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
@@ -185,4 +215,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tomec.cli import run_command
+
+    run_command(main)  # an error is one line, as under the tomec command

@@ -8,7 +8,7 @@ unmerged and with every method over a range of ``r``, through the compiled backe
 accuracy against throughput (a Pareto plot).
 
     tomec digits train      # regenerate the checkpoint
-    tomec digits study      # bench/results/digits.{csv,json,png}
+    tomec digits study      # ./digits.{csv,json,png} (--out DIR: elsewhere)
 
 ``ACCURACY_BOUND`` is the documented bound the tests hold every method to at ``MODERATE_R``.
 """
@@ -137,10 +137,11 @@ def study(
     rs: Sequence[int] = (16, 32, 48, 56),
     compiler: str = "inductor",
     rounds: int = 15,
-    out: Path = RESULTS,
+    out: Optional[Path] = None,
 ) -> list[dict[str, Any]]:
     """Accuracy and throughput of the compiled backend for every method and ``r``; writes
-    ``digits.csv``, ``digits.json`` and the Pareto plot ``digits.png`` under ``out``."""
+    ``digits.csv``, ``digits.json`` and the Pareto plot ``digits.png`` under ``out`` (default: the
+    working directory; :data:`RESULTS` holds the shipped results) and says where."""
     model = load_trained()
     _, _, x_test, y_test = digits_data()
     rows = []
@@ -164,7 +165,7 @@ def study(
                      "images_per_s": len(y_test) / statistics.median(times),
                      "images_per_s_p20": len(y_test) / times[(4 * len(times)) // 5],
                      "images_per_s_p80": len(y_test) / times[len(times) // 5]})
-    out = Path(out)
+    out = Path.cwd() if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "digits.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -173,11 +174,17 @@ def study(
     meta = {"machine": platform.node(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "compiler": compiler, "test_images": len(y_test)}
     (out / "digits.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    pareto_plot(rows, out / "digits.png")
+    pareto_plot(rows, out / "digits.png", compiler=compiler)
+    print(f"wrote {out / 'digits'}.csv / .json / .png")
     return rows
 
 
-def pareto_plot(rows: list[dict[str, Any]], path: Path) -> None:
+COMPILER_LABELS = {"inductor": "compiled by Inductor", "eager": "eager PyTorch, not compiled"}
+
+
+def pareto_plot(rows: list[dict[str, Any]], path: Path, compiler: str = "inductor") -> Any:
+    """The accuracy-throughput plot, its axis labelled by the ``compiler`` the rows ran under;
+    returns the (closed) figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,33 +199,44 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
         for px, py, r in pts:
             ax.annotate(str(r), (px, py), fontsize=6, xytext=(2, 2), textcoords="offset points")
-    ax.set(xlabel="images/s (compiled, CPU)", ylabel="test accuracy",
+    ax.set(xlabel=f"images/s ({COMPILER_LABELS.get(compiler, compiler)}, CPU)", ylabel="test accuracy",
            title="digits ViT: accuracy against throughput (labels: r)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    from tomec.cli import add_debug_argument, parse_integers
+
     parser = argparse.ArgumentParser(prog="tomec digits", description=__doc__.splitlines()[0])
+    add_debug_argument(parser)
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train")
+    t = sub.add_parser("train", help=f"train the study model (writes {CHECKPOINT.name} in the package)")
     t.add_argument("--epochs", type=int, default=60)
-    s = sub.add_parser("study")
+    s = sub.add_parser("study", help="accuracy and throughput of every method (./digits.*)")
     s.add_argument("--methods", default=None)
     s.add_argument("--r", default="16,32,48,56", help="of 64 patch tokens; at most 63 over 6 blocks")
     s.add_argument("--compiler", choices=("inductor", "eager"), default="inductor")
-    s.add_argument("--out", default=str(RESULTS))
+    s.add_argument("--rounds", type=int, default=15, help="timed rounds per setting")
+    s.add_argument("--out", default=None, help="folder for digits.{csv,json,png} (default: the working directory)")
     args = parser.parse_args(argv)
     if args.command == "train":
         train(args.epochs)
     else:
-        rows = study(args.methods.split(",") if args.methods else None,
-                     [int(v) for v in args.r.split(",")], args.compiler, out=Path(args.out))
+        if args.rounds < 1:
+            from tomec.errors import ConfigError
+
+            raise ConfigError(f"--rounds must be at least 1, got {args.rounds}")
+        rows = study(args.methods.split(",") if args.methods else None, parse_integers(args.r, "--r"),
+                     args.compiler, rounds=args.rounds, out=None if args.out is None else Path(args.out))
         for row in rows:
             print(f"{row['method']:10}{row['r']:>4}  accuracy {row['accuracy']:.4f}  {row['images_per_s']:9.0f} img/s")
 
 
 if __name__ == "__main__":
-    main()
+    from tomec.cli import run_command
+
+    run_command(main)  # an error is one line, as under the tomec command

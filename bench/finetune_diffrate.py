@@ -90,7 +90,10 @@ def run(rhos: Sequence[float] = RHOS, seeds: int = SEEDS, steps: int = STEPS, di
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from tomec.cli import add_debug_argument
+
+    parser = argparse.ArgumentParser(prog="tomec finetune diffrate", description=__doc__.splitlines()[0])
+    add_debug_argument(parser)
     parser.add_argument("--rho", default=",".join(map(str, RHOS)),
                         help="the untrained baselines' per-block kept fractions (their MACs are the budgets)")
     parser.add_argument("--seeds", type=int, default=SEEDS)
@@ -103,4 +106,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tomec.cli import run_command
+
+    run_command(main)  # an error is one line, as under the tomec command

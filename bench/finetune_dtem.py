@@ -104,7 +104,10 @@ def run(schedule: Sequence[int] = SCHEDULE, seeds: int = SEEDS, steps: int = STE
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from tomec.cli import add_debug_argument
+
+    parser = argparse.ArgumentParser(prog="tomec finetune dtem", description=__doc__.splitlines()[0])
+    add_debug_argument(parser)
     parser.add_argument("--schedule", default=",".join(map(str, SCHEDULE)))
     parser.add_argument("--seeds", type=int, default=SEEDS)
     parser.add_argument("--steps", type=int, default=STEPS)
@@ -120,4 +123,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tomec.cli import run_command
+
+    run_command(main)  # an error is one line, as under the tomec command

@@ -55,7 +55,10 @@ def compiled_accuracy(model, x, y, **kwargs) -> float:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from tomec.cli import add_debug_argument
+
+    parser = argparse.ArgumentParser(prog="tomec finetune ltmp", description=__doc__.splitlines()[0])
+    add_debug_argument(parser)
     parser.add_argument("--target", type=float, default=0.2, help="FLOPs ratio the thresholds aim at "
                         "(the official init, merge 0.9 / prune 0, already gives ~0.27 here)")
     parser.add_argument("--epochs", type=int, default=4)
@@ -140,4 +143,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from tomec.cli import run_command
+
+    run_command(main)  # an error is one line, as under the tomec command

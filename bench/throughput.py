@@ -15,6 +15,11 @@ ideal speedup (MAC ratio), the share of it reached over the unmerged Inductor mo
 and a figure of speedup against r per method with the ideal line.
 
     tomec bench --models deit_small_patch16_224 --methods tome --r 156 --inflect 0 --batch 16
+    tomec bench --models deit_small_patch16_224 --method pitome --keep-ratio 0.925 --batch 16
+
+The merge arguments are the other subcommands' (``--schedule``, ``--keep-ratio``, ``--preset``,
+``--option``, ``--inflect``), except that ``--method``/``--methods`` and ``--r``/``--reduce`` take
+comma-separated lists to sweep.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from tqdm import tqdm
 
 import tomec
 from tomec import reference
+from tomec.errors import ConfigError
 from tomec.flops import flops_report
 
 from tomec.bench.machine import device_name, machine
@@ -113,11 +119,13 @@ def peak_memory_mb(fn: Callable[[], Any], device: str) -> Optional[float]:
 
 
 def build_providers(
-    model: torch.nn.Module, method: str, r: int, providers: Sequence[str], mode: Optional[str] = None,
+    model: torch.nn.Module, method: str, r: Optional[int], providers: Sequence[str], mode: Optional[str] = None,
     **options: Any,
 ) -> tuple[dict[str, Callable], dict[str, tomec.TomecBackend]]:
     """Callables for each provider (compiled lazily by torch.compile on their first call, with
-    ``mode=`` for every compiled one, e.g. ``"reduce-overhead"``: CUDA graphs)."""
+    ``mode=`` for every compiled one, e.g. ``"reduce-overhead"``: CUDA graphs). ``r`` and
+    ``options`` (``inflect=``, ``schedule=``, method options, backend settings) go to every merged
+    provider alike; ``r=None`` with ``schedule=``."""
     built, backends = {}, {}
     for name in providers:
         if name == "eager":
@@ -134,16 +142,18 @@ def build_providers(
             built[name] = torch.compile(copy.deepcopy(model), backend=backends[name], fullgraph=True,
                                         mode=mode)
         else:
-            raise ValueError(f"unknown provider {name!r}; known: {PROVIDERS}")
+            raise ConfigError(f"unknown provider {name!r}; known: {PROVIDERS}")
     return built, backends
 
 
 def measure(
-    model_name: str, method: str, r: int, batch: int, dtype: torch.dtype, device: str,
+    model_name: str, method: str, r: Optional[int], batch: int, dtype: torch.dtype, device: str,
     rounds: int = 5, reps: int = 2, inflect: float = -0.5, providers: Sequence[str] = PROVIDERS,
     mode: Optional[str] = None, **options: Any,
 ) -> list[dict[str, Any]]:
-    """One row per provider for one configuration (see the module docstring)."""
+    """One row per provider for one configuration (see the module docstring). ``r=None``: the
+    schedule comes from ``options`` (``schedule=``, or a method option that sets it); the rows' ``r``
+    is then the resolved schedule's total."""
     import timm
 
     torch.manual_seed(0)
@@ -176,7 +186,8 @@ def measure(
     for name, ts in times.items():
         ts = sorted(ts)
         row = {
-            "model": model_name, "method": method, "r": r, "inflect": inflect, "batch": batch,
+            "model": model_name, "method": method, "r": sum(macs["schedule"]) if r is None else r,
+            "inflect": inflect, "batch": batch,
             "dtype": str(dtype).replace("torch.", ""), "device": device, "provider": name,
             "mode": mode or "default",
             "images_per_s": batch / medians[name],
@@ -217,7 +228,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.axhline(1.0, color="grey", lw=0.5)
         ax.set(title=f"{model} b={batch} {dtype}", xlabel="r (tokens removed)",
                ylabel="speedup over unmerged Inductor (dashed: ideal)")
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # no tomec rows (--providers without it): no legend
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -242,14 +254,14 @@ def _inductor_cache(fresh: bool) -> Iterator[None]:
 
 
 def run(
-    models: Sequence[str], methods: Sequence[str], rs: Sequence[int], batches: Sequence[int],
+    models: Sequence[str], methods: Sequence[str], rs: Sequence[Optional[int]], batches: Sequence[int],
     dtypes: Sequence[str] = ("float32",), device: str = "cpu", rounds: int = 5, reps: int = 2,
     inflect: float = -0.5, threads: Optional[int] = None, providers: Sequence[str] = PROVIDERS,
     out: Path = RESULTS, tag: Optional[str] = None, fresh_cache: bool = True, mode: Optional[str] = None,
     **options: Any,
 ) -> list[dict[str, Any]]:
     """Measure every combination; write CSV, JSON and the figure; return the rows. ``options``: method
-    options and backend settings passed to every merged provider. ``fresh_cache``: compile into an
+    options, backend settings and ``schedule=`` (with ``rs=[None]``) passed to every merged provider. ``fresh_cache``: compile into an
     empty Inductor cache, so compile times are cold (as a user's first run)."""
     if threads:
         torch.set_num_threads(threads)
@@ -298,12 +310,16 @@ def summary(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_R = 156
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    from tomec.cli import add_debug_argument, add_sweep_arguments, merge_sweep, parse_integers
+
     parser = argparse.ArgumentParser(prog="tomec bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="deit_small_patch16_224")
-    parser.add_argument("--methods", default="tome")
-    parser.add_argument("--r", default="156", help="comma-separated totals, e.g. 0,52,104,156")
-    parser.add_argument("--inflect", type=float, default=-0.5)
+    parser.add_argument("--models", default=None,
+                        help="comma-separated timm names (default: deit_small_patch16_224, or the preset's)")
+    add_sweep_arguments(parser)  # --method(s), --r/--reduce (lists), --inflect, --schedule, --keep-ratio, ...
     parser.add_argument("--batch", default="16")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -316,17 +332,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--tag", default=None, help="file name tag (default: the device)")
     parser.add_argument("--warm-cache", action="store_true",
                         help="reuse the Inductor cache (default: a fresh one, so compile times are cold)")
-    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                        help="a method option or backend setting (repeatable), e.g. prop_attn=false")
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
-    from tomec.cli import parse_options
-
+    methods, rs, kwargs = merge_sweep(args, DEFAULT_R)  # fills args.models from a preset
+    inflect = kwargs.pop("inflect")
     split = lambda s: [v for v in s.split(",") if v]  # noqa: E731
-    run(split(args.models), split(args.methods), [int(v) for v in split(args.r)],
-        [int(v) for v in split(args.batch)], split(args.dtype), args.device, args.rounds, args.reps,
-        args.inflect, args.threads, split(args.providers), Path(args.out), args.tag,
-        fresh_cache=not args.warm_cache, mode=args.mode, **parse_options(args.option))
+    providers = split(args.providers)
+    for name in providers:
+        if name not in PROVIDERS:
+            raise ConfigError(f"--providers: unknown provider {name!r}; known: {', '.join(PROVIDERS)}")
+    if args.rounds < 1 or args.reps < 1:
+        raise ConfigError(f"--rounds and --reps must be at least 1, got {args.rounds} and {args.reps}")
+    run(split(args.models), methods, rs, parse_integers(args.batch, "--batch"), split(args.dtype), args.device,
+        args.rounds, args.reps, inflect, args.threads, providers, Path(args.out), args.tag,
+        fresh_cache=not args.warm_cache, mode=args.mode, **kwargs)
 
 
 if __name__ == "__main__":
-    main()
+    from tomec.cli import run_command
+
+    run_command(main)  # an error is one line, as under the tomec command

@@ -94,3 +94,21 @@ def test_eval_takes_a_preset(folder, tmp_path, capsys):
                    "--num-classes", str(NUM_CLASSES), "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["schedule"] == [0] + [16] * 11 and result["images"] == 4
+
+
+def test_eval_checks_its_arguments_first(folder, tmp_path):
+    from tomec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="limit must be at least 1 image, got 0"):  # was ZeroDivisionError
+        evaluate(str(folder), "test_vit", workers=0, limit=0, num_classes=NUM_CLASSES, method="tome", r=8)
+    with pytest.raises(FileNotFoundError, match="no such image folder"):
+        evaluate(str(tmp_path / "nonexistent"), "test_vit", workers=0, method="tome", r=8)
+
+
+def test_eval_warns_when_the_folder_has_fewer_classes_than_the_head(folder):
+    from tomec.bench.accuracy import ClassCountWarning
+
+    with pytest.warns(ClassCountWarning, match="7 classes but test_vit predicts 1000"):
+        result = evaluate(str(folder), "test_vit", batch_size=1, workers=0, limit=1, compile_merged=False,
+                          method="tome", r=40)
+    assert result["images"] == 1

@@ -51,3 +51,22 @@ def test_study_writes_results(tmp_path):
     assert [(r["method"], r["r"]) for r in rows] == [("unmerged", 0), ("tome", 16)]
     for suffix in ("csv", "json", "png"):
         assert (tmp_path / f"digits.{suffix}").stat().st_size > 0
+
+
+def test_study_command_writes_to_the_working_directory(tmp_path, monkeypatch, capsys):
+    shipped = {p: p.stat().st_mtime_ns for p in digits.RESULTS.glob("digits.*")}
+    monkeypatch.chdir(tmp_path)
+    digits.main(["study", "--methods", "tome", "--r", "16", "--compiler", "eager", "--rounds", "1"])
+    assert f"wrote {tmp_path / 'digits'}.csv / .json / .png" in capsys.readouterr().out
+    for suffix in ("csv", "json", "png"):
+        assert (tmp_path / f"digits.{suffix}").stat().st_size > 0
+    assert {p: p.stat().st_mtime_ns for p in digits.RESULTS.glob("digits.*")} == shipped  # the package's stay
+
+
+def test_plot_names_the_compiler(tmp_path):
+    rows = [{"method": "unmerged", "r": 0, "accuracy": 0.96, "images_per_s": 900.0},
+            {"method": "tome", "r": 16, "accuracy": 0.95, "images_per_s": 1000.0}]
+    eager = digits.pareto_plot(rows, tmp_path / "eager.png", compiler="eager").axes[0].get_xlabel()
+    inductor = digits.pareto_plot(rows, tmp_path / "inductor.png").axes[0].get_xlabel()
+    assert eager == "images/s (eager PyTorch, not compiled, CPU)"  # it read "compiled" under --compiler eager
+    assert inductor == "images/s (compiled by Inductor, CPU)"

@@ -40,3 +40,29 @@ def test_bench_writes_rows_and_files(tmp_path, capsys):
 def test_unknown_provider_is_refused():
     with pytest.raises(ValueError, match="unknown provider 'jit'"):
         throughput.build_providers(None, "tome", 8, ["jit"])
+
+
+def test_merged_providers_take_a_schedule():
+    # tomec bench --schedule / --keep-ratio / --preset: r=None, the schedule in the options.
+    import torch
+
+    from tomec import reference
+    from tomec.schedule import keep_ratio
+
+    from .helpers import images, make_model
+
+    model = make_model("test_vit")
+    fns, backends = throughput.build_providers(model, "tome", None, ["reference", "tomec"], schedule=[1] * 6)
+    with torch.no_grad():
+        fns["reference"](images("test_vit", 1))
+    assert reference.state(fns["reference"]).schedule == [1] * 6
+    assert list(backends["tomec"].config.schedule) == [1] * 6
+    _, backends = throughput.build_providers(model, "pitome", None, ["tomec"], schedule=keep_ratio(0.9))
+    assert backends["tomec"].config.schedule == keep_ratio(0.9)
+
+
+def test_a_row_without_r_counts_the_schedule():
+    rows = throughput.measure("test_vit", "tome", None, 1, __import__("torch").float32, "cpu", rounds=1, reps=1,
+                              providers=("eager", "reference"), schedule=[1] * 6)
+    assert [(r["provider"], r["r"], json.loads(r["schedule"])) for r in rows] == [
+        ("eager", 6, [1] * 6), ("reference", 6, [1] * 6)]

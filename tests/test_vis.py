@@ -62,3 +62,20 @@ def test_vis_command_writes_png(tmp_path):
 
     assert Image.open(out).size[0] > 0
     assert load_model("test_vit").pretrained_cfg["input_size"][-1] == 160
+
+
+@pytest.mark.parametrize("depths", [[7], [0], [2, 7], [-1]])
+def test_depths_outside_the_blocks_are_refused(depths):
+    # test_vit has 6 blocks: 7 drew a panel "after block 7", 0 was a TypeError.
+    from tomec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"out of range: VisionTransformer has 6 blocks, .* is 1\.\.6"):
+        vis.render(vis.load_image(None, 160), make_model("test_vit"), depths=depths, compiler="eager",
+                   method="tome", r=40)
+
+
+def test_a_model_without_blocks_is_refused():
+    from tomec.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="ResNet"):
+        vis.check_depths(make_model("resnet18"), [1])

@@ -18,7 +18,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["groups_image", "source_maps", "normalize", "render", "load_image", "main"]
+from .errors import ConfigError, UnsupportedModelError
+
+__all__ = ["groups_image", "source_maps", "check_depths", "normalize", "render", "load_image", "main"]
 
 
 def groups_image(
@@ -49,6 +51,34 @@ def groups_image(
     return out
 
 
+def num_blocks(model: torch.nn.Module) -> int:
+    """The blocks of a timm ViT (``model.blocks``); another model is an ``UnsupportedModelError``."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or getattr(model, "patch_embed", None) is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no patch_embed and blocks: tomec vis draws timm Vision Transformers")
+    return len(blocks)
+
+
+def check_depths(
+    model: torch.nn.Module, depths: Optional[Sequence[int]], *, name: Optional[str] = None,
+    what: str = "depths",
+) -> list[int]:
+    """``depths`` (counts of blocks applied, 1..L; None or empty: ``[L]``) checked against the
+    model's ``L`` blocks: anything else is a ``ConfigError`` that names the valid range (``name``:
+    the model's name in it; ``what``: the argument's)."""
+    count = num_blocks(model)
+    depths = list(depths or [])
+    if not depths:
+        return [count]
+    bad = [d for d in depths if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or not 1 <= d <= count]
+    if bad:
+        raise ConfigError(
+            f"{what} {','.join(map(str, bad))} out of range: {name or type(model).__name__} has {count} "
+            f"blocks, so a depth (the number of blocks applied) is 1..{count}")
+    return [int(d) for d in depths]
+
+
 def _truncated(schedule: Sequence[int], depth: int) -> list[int]:
     return [v if i < depth else 0 for i, v in enumerate(schedule)]
 
@@ -69,7 +99,8 @@ def source_maps(
 
     method = merge_kwargs.get("method", "tome")
     if not methods.get(method).supports_source:
-        raise ValueError(f"method {method!r} has no source map to draw")
+        raise ConfigError(f"method {method!r} has no source map to draw")
+    depths = check_depths(model, depths)
     ref = reference.patch(copy.deepcopy(model), **merge_kwargs, trace_source=True)
     with torch.no_grad():
         ref(x)
@@ -113,10 +144,9 @@ def render(
 ) -> list[tuple[int, np.ndarray, int]]:
     """Draw the merge groups of ``image`` (``[H, W, 3]`` in [0, 1], already at the model's input
     size) at each depth (default: after the last block). Returns ``(depth, picture, groups)``."""
+    depths = check_depths(model, depths)
     x = normalize(image, model)
     grid = model.patch_embed.grid_size
-    num_blocks = len(model.blocks)
-    depths = list(depths or [num_blocks])
     maps, protected = source_maps(model, x, depths, path=path, compiler=compiler, **merge_kwargs)
     out = []
     for depth, source in zip(depths, maps):
@@ -144,7 +174,7 @@ def load_image(path: Optional[str], size: int) -> np.ndarray:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from .cli import add_merge_arguments, merge_kwargs
+    from .cli import add_debug_argument, add_merge_arguments, merge_kwargs
 
     parser = argparse.ArgumentParser(prog="tomec vis", description=__doc__.splitlines()[0])
     parser.add_argument("--image", default=None, help="default: matplotlib's grace_hopper.jpg")
@@ -156,6 +186,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--path", choices=("compiled", "reference"), default="compiled")
     parser.add_argument("--compiler", choices=("inductor", "eager"), default="inductor")
     parser.add_argument("--out", default="tomec_vis.png")
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
 
     import matplotlib
@@ -168,7 +199,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     kwargs = {k: v for k, v in merge_kwargs(args).items() if v is not None}  # first: a preset's model
     model = load_model(args.model, args.pretrained, args.checkpoint)
     image = load_image(args.image, model.pretrained_cfg["input_size"][-1])
-    depths = [int(d) for d in args.depths.split(",")] if args.depths else None
+    depths = None
+    if args.depths is not None:
+        try:
+            depths = [int(d) for d in args.depths.split(",")]
+        except ValueError:
+            raise ConfigError(f"--depths takes comma-separated block counts, e.g. 4,8,12; got {args.depths!r}") from None
+        depths = check_depths(model, depths, name=args.model, what="--depths")
     panels = render(image, model, depths, path=args.path, compiler=args.compiler, **kwargs)
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 4))
     axes[0].imshow(image)
@@ -185,4 +222,6 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run_command
+
+    run_command(main)  # an error is one line, as under the tomec command
