@@ -12,7 +12,6 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-import tomec
 from tomec import methods, reference
 
 from .helpers import TOLERANCE, compile_tomec, reference_of, relative_error

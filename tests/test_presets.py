@@ -69,7 +69,8 @@ def test_preset_reproduces_its_gflops(name):
     model = timm.create_model(presets.timm_model(model_name), pretrained=False).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = flops_report(presets.timm_model(model_name),
+        # measure=False: the papers count the blocks' matmuls and the patch embedding, as the formula
+        report = flops_report(presets.timm_model(model_name), measure=False,
                               **presets.get(method, model_name, **_artifacts(preset, model)))
     assert abs(report["macs"] / 1e9 - target) <= 0.03, report["macs"] / 1e9
 
@@ -89,7 +90,7 @@ def test_readme_table_is_the_presets_table():
 
 def test_cli_flops_takes_a_preset(capsys):
     cli.main(["flops", "--preset", "diffrate/deit_small"])
-    assert "GMACs per image: 2.905" in capsys.readouterr().out
+    assert "GMACs per image: 2.914" in capsys.readouterr().out  # measured: 2.905 by the papers' formula
     cli.main(["flops", "--preset", "mctf/deit_tiny"])  # the preset's own model
     assert capsys.readouterr().out.startswith("deit_tiny_patch16_224 with mctf")
     for extra in (["--r", "13"], ["--method", "tome"]):

@@ -148,7 +148,7 @@ def _ste_merge(x: Tensor, size: Tensor, metric: Tensor, protected: int) -> tuple
     """Every A token into the B tokens through ``M = soft + (hard − soft).detach()``; returns the
     protected tokens then the B tokens (official order), and their sizes."""
     n = x.shape[1]
-    side_a, side_b = (torch.tensor(s, device=x.device) + protected for s in fpet_sides(fpet_grid(n, protected)))
+    side_a, side_b = (torch.tensor(s).to(x.device) + protected for s in fpet_sides(fpet_grid(n, protected)))
     unit = F.normalize(metric.float(), dim=-1)
     scores = unit[:, side_a] @ unit[:, side_b].transpose(1, 2)  # [B, n_a, n_b]
     mid = scores.topk(2, dim=-1).values.mean(-1, keepdim=True)

@@ -170,8 +170,10 @@ def fpet_match(
     side = fpet_grid(n, protected)
     side_a, side_b = fpet_sides(side)
     n_a, n_b = len(side_a), len(side_b)
-    pos_a = torch.tensor(side_a, device=device)
-    pos_b = torch.tensor(side_b, device=device)
+    # .to(device), not device=: under a fake-tensor mode (tomec.flops on meta) torch.tensor(..., device=)
+    # gives a plain tensor
+    pos_a = torch.tensor(side_a).to(device)
+    pos_b = torch.tensor(side_b).to(device)
 
     m = _scoring_metric(metric[:, protected:])
     wide = m.dtype
@@ -188,7 +190,7 @@ def fpet_match(
     slot_kept = protected - 1 + (~is_src).cumsum(-1)
     slot_a = torch.where(is_src, slot_b[partner], slot_kept)
     # Back from (A order, B order) to grid positions: a static permutation.
-    inverse = torch.tensor(_inverse(side), device=device)
+    inverse = torch.tensor(_inverse(side)).to(device)
     tail = torch.cat([slot_a, slot_b.expand(batch, n_b)], dim=1)[:, inverse]
     head = torch.arange(protected, device=device).expand(batch, protected)
     dest = torch.cat([head, tail], dim=1)
