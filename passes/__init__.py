@@ -68,7 +68,6 @@ class RewriteResult:
     num_outputs: int = 0
     tokens_per_block: list[int] = field(default_factory=list)  # measured on the validated graph
     graph_break: Optional[str] = None  # the graph ended at a break (why, and where)
-    kind: str = "blocks"  # "blocks" (rewritten), "stem" or "head" (no attention block, unchanged), "none"
 
 
 def _device_type(block: AttentionBlock) -> str:
@@ -112,8 +111,12 @@ class ModelContext:
 
     frame: Optional[DynamoFrame] = None
     earlier_break: Optional[str] = None  # the last graph break an earlier graph of this model ended at
-    blocks_seen: bool = False  # an earlier graph of this model held attention blocks
-    tokens_out: Optional[int] = None  # the tokens the last block graph passed on
+    tokens_out: Optional[int] = None  # the tokens the last block graph passed on (None: no block graph yet)
+
+    @property
+    def blocks_seen(self) -> bool:
+        """Whether an earlier graph of this model held attention blocks."""
+        return self.tokens_out is not None
 
 
 _FIX_BREAK = (
@@ -170,10 +173,10 @@ def _skipped_summary(skipped: list[Skipped]) -> str:
     return f"{skipped[0]}" + (f" ({more})" if more else "")
 
 
-def _unchanged(gm: GraphModule, report: PassReport, note: str, broken: Optional[str], kind: str) -> RewriteResult:
+def _unchanged(gm: GraphModule, report: PassReport, note: str, broken: Optional[str]) -> RewriteResult:
     log.info("tomec: %s", note)
     report.notes.append(note)
-    return RewriteResult(gm, None, report, graph_break=broken, kind=kind)
+    return RewriteResult(gm, None, report, graph_break=broken)
 
 
 def _append_outputs(gm: GraphModule, nodes: list[Node]) -> tuple[int, int]:
@@ -211,7 +214,7 @@ def rewrite(
     broken = _graph_break(gm)
     if not found.blocks:
         if context.blocks_seen:
-            means = token_means(gm, context.tokens_out) if context.tokens_out else []
+            means = token_means(gm, context.tokens_out)
             if means:
                 msg = (f"the head graph after a graph break averages the {context.tokens_out} merged "
                        f"tokens without their sizes ({', '.join(means)}), as one graph would weight them; "
@@ -220,10 +223,10 @@ def rewrite(
                 warnings.warn("tomec: " + msg, stacklevel=2)
                 report.notes.append("warning: " + msg)
             return _unchanged(gm, report, "no attention block: the model's head after its block graph, "
-                              "compiled unchanged", broken, "head")
+                              "compiled unchanged", broken)
         if broken:
             return _unchanged(gm, report, f"no attention block before a graph break ({broken}): the "
-                              "model's stem, compiled unchanged", broken, "stem")
+                              "model's stem, compiled unchanged", broken)
         msg = f"no attention block found in the graph; looked for {LOOKED_FOR}"
         if found.skipped:
             msg = f"no attention block tomec can merge in the graph: {_skipped_summary(found.skipped)}"
@@ -234,7 +237,7 @@ def rewrite(
         warnings.warn(f"tomec: {msg}; compiling the graph unchanged", stacklevel=2)
         log.warning("tomec: %s; compiling the graph unchanged", msg)
         report.notes.append("no attention block: compiled unchanged")
-        return RewriteResult(gm, None, report, graph_break=broken, kind="none")
+        return RewriteResult(gm, None, report, graph_break=broken)
 
     split = _split_blocks(found, broken, context)
     if split:
@@ -248,7 +251,7 @@ def rewrite(
         if config.strict:
             raise UnsupportedModelError(msg)
         warnings.warn(f"tomec: {msg}; compiling this graph unchanged", stacklevel=2)
-        return _unchanged(gm, report, "graph break: compiled unchanged", broken, "none")
+        return _unchanged(gm, report, "graph break: compiled unchanged", broken)
     if broken:
         report.notes.append(f"the graph ends at a graph break ({broken}) after all the model's attention blocks")
 

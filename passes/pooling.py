@@ -47,6 +47,23 @@ def _mean_over_tokens(node: Node) -> Optional[tuple[Node, bool]]:
     return (src, bool(keepdim)) if isinstance(src, Node) else None
 
 
+def _stream_means(gm: GraphModule, num_tokens: int, within: Optional[set] = None) -> list[tuple[Node, Node, int, bool]]:
+    """``(mean, its input, token slice start, keepdim)`` for every ``mean(dim=1)`` over a
+    ``[B, num_tokens, C]`` stream (optionally ``x[:, P:]`` of it) in ``gm`` (among ``within``)."""
+    out = []
+    for node in gm.graph.nodes:
+        found = None if within is not None and node not in within else _mean_over_tokens(node)
+        if found is None:
+            continue
+        src, keepdim = found
+        start = _token_slice_start(src)
+        stream = src.args[0] if start is not None else src
+        shape = gu.meta_shape(stream, original=True)
+        if shape is not None and len(shape) == 3 and shape[1] == num_tokens:
+            out.append((node, src, start or 0, keepdim))
+    return out
+
+
 def weight_token_means(gm: GraphModule, last_merge: Node, size: Node, num_tokens: int) -> list[str]:
     """Replace the token means downstream of the last merge; returns what was replaced.
 
@@ -54,21 +71,8 @@ def weight_token_means(gm: GraphModule, last_merge: Node, size: Node, num_tokens
     merging), used to recognize the token stream.
     """
     graph = gm.graph
-    downstream = gu.descendants(last_merge)
     replaced = []
-    for node in list(graph.nodes):
-        if node not in downstream:
-            continue
-        found = _mean_over_tokens(node)
-        if found is None:
-            continue
-        src, keepdim = found
-        start = _token_slice_start(src)
-        stream = src.args[0] if start is not None else src
-        start = start or 0
-        shape = gu.meta_shape(stream, original=True)
-        if shape is None or len(shape) != 3 or shape[1] != num_tokens:
-            continue
+    for node, src, start, keepdim in _stream_means(gm, num_tokens, gu.descendants(last_merge)):
         with graph.inserting_before(node):
             sizes = size
             if start:
@@ -86,15 +90,4 @@ def weight_token_means(gm: GraphModule, last_merge: Node, size: Node, num_tokens
 def token_means(gm: GraphModule, num_tokens: int) -> list[str]:
     """The means over a ``[B, num_tokens, C]`` stream in ``gm`` (a head graph after a break, whose
     sizes are in another graph): what would be size-weighted had it been one graph."""
-    found = []
-    for node in gm.graph.nodes:
-        mean = _mean_over_tokens(node)
-        if mean is None:
-            continue
-        src = mean[0]
-        start = _token_slice_start(src)
-        stream = src.args[0] if start is not None else src
-        shape = gu.meta_shape(stream, original=True)
-        if shape is not None and len(shape) == 3 and shape[1] == num_tokens:
-            found.append(node.name)
-    return found
+    return [node.name for node, *_ in _stream_means(gm, num_tokens)]

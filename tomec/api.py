@@ -48,8 +48,7 @@ class TomecBackend:
         self.protected: Optional[int] = None
         self.tokens_per_block: Optional[list[int]] = None
         self._graph_break: Optional[str] = None  # the last graph break a graph of this model ended at
-        self._blocks_seen = False  # a graph with attention blocks was rewritten
-        self._tokens_out: Optional[int] = None  # the tokens its last block passed on
+        self._tokens_out: Optional[int] = None  # the tokens the last block graph passed on
         self.last_info: Optional[dict[str, Any]] = None
         self.compile_seconds: list[float] = []
         self._reports: list[str] = []
@@ -75,14 +74,12 @@ class TomecBackend:
         from .frames import current_frame
 
         start = time.perf_counter()
-        context = ModelContext(current_frame(), self._graph_break, self._blocks_seen, self._tokens_out)
+        context = ModelContext(current_frame(), self._graph_break, self._tokens_out)
         result = rewrite(gm, example_inputs, self.config, context)
         self._graph_break = result.graph_break or self._graph_break
-        self._blocks_seen = self._blocks_seen or result.plan is not None
-        if result.plan is not None:
-            self._tokens_out = result.plan.tokens_out
         self._reports.append(result.report.text())
         if result.plan is not None:
+            self._tokens_out = result.plan.tokens_out
             self.schedule = list(result.plan.schedule)
             self.protected = result.plan.protected
             self.tokens_per_block = result.tokens_per_block

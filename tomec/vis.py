@@ -174,7 +174,7 @@ def load_image(path: Optional[str], size: int) -> np.ndarray:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from .cli import add_debug_argument, add_merge_arguments, merge_kwargs
+    from .cli import add_debug_argument, add_merge_arguments, merge_kwargs, parse_integers
 
     parser = argparse.ArgumentParser(prog="tomec vis", description=__doc__.splitlines()[0])
     parser.add_argument("--image", default=None, help="default: matplotlib's grace_hopper.jpg")
@@ -201,11 +201,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     image = load_image(args.image, model.pretrained_cfg["input_size"][-1])
     depths = None
     if args.depths is not None:
-        try:
-            depths = [int(d) for d in args.depths.split(",")]
-        except ValueError:
-            raise ConfigError(f"--depths takes comma-separated block counts, e.g. 4,8,12; got {args.depths!r}") from None
-        depths = check_depths(model, depths, name=args.model, what="--depths")
+        depths = check_depths(model, parse_integers(args.depths, "--depths"), name=args.model, what="--depths")
     panels = render(image, model, depths, path=args.path, compiler=args.compiler, **kwargs)
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 4))
     axes[0].imshow(image)
