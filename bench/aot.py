@@ -82,7 +82,7 @@ def kernel_methods() -> list[str]:
     return [m for m in methods.available() if methods.get(m).match is not None]
 
 
-def _options(name: str, r: int) -> dict:
+def _options(name: str, r: int) -> methods.Options:
     spec = methods.get(name)
     given = {}
     if name == "ltmp":  # pruning only happens with calibrated counts
@@ -91,19 +91,19 @@ def _options(name: str, r: int) -> dict:
         warnings.simplefilter("ignore")  # DTEM's random-heads and LTMP's no-counts warnings
         logging.getLogger("tomec").disabled = True
         try:
-            return spec.check_options(given)
+            return spec.make_options(given)
         finally:
             logging.getLogger("tomec").disabled = False
 
 
-def _layers(name: str, options: dict) -> list[int]:
+def _layers(name: str, options: methods.Options) -> list[int]:
     """Blocks that take every branch of the method: its first reduction block (no sizes yet, no
     source map) and a later one (sizes and source map threaded)."""
     spec = methods.get(name)
     if name == "atc":  # all three reduction blocks: one per linkage (the kernel's LINKAGE variants)
-        return spec.reduction_blocks(NUM_LAYERS, options)
+        return spec.reduction_blocks(options, NUM_LAYERS)
     if spec.reduction_blocks is not None:
-        return spec.reduction_blocks(NUM_LAYERS, options)[:2]
+        return spec.reduction_blocks(options, NUM_LAYERS)[:2]
     return [0, NUM_LAYERS - 1]
 
 
@@ -134,14 +134,14 @@ def step_calls(name: str, shape: Shape, device: str = "meta") -> list[tuple[tupl
             size = tensor(b, n, 1).abs() + 1 if real else tensor(b, n, 1)
             source = (torch.arange(n, device=device).expand(b, n).contiguous() if real
                       else tensor(b, n, dtype=torch.int64))
-        call_options = {o: v for o, v in options.items() if o not in spec.param_options}
+        call_options = options.graph_args()
         if name == "atc":
             call_options["linkage"] = ops.LINKAGES[i]
         kwargs = dict(
             method=name, r=r, protected=PROTECTED, layer=layer, num_layers=NUM_LAYERS,
             scale=d ** -0.5, trace_source=True, impl="triton", options=call_options,
         )
-        if "attn_in" in spec.inputs:
+        if "attn_in" in spec.graph_inputs:
             kwargs["attn_in"] = x
         if spec.params is not None:
             params = spec.params(options, layer=layer, num_layers=NUM_LAYERS, channels=shape.width,

@@ -17,7 +17,7 @@ from typing import Optional
 __all__ = ["load", "unavailable_reason", "interpreting", "MODULES"]
 
 # The kernel modules (each launches through its own ``wrap_triton`` name: kernels.aot records there).
-MODULES = ("atc", "crossget", "match", "mctf", "merge", "pitome")
+MODULES = ("atc", "attention_received", "crossget", "match", "merge", "pitome")
 
 
 def interpreting() -> bool:

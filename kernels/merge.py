@@ -19,6 +19,7 @@ from torch.library import triton_op, wrap_triton
 
 from .common import TINY, log2_ceil
 
+# The merge epilogues by name (tomec.ops.merge's ``mode``), as the kernel's constexpr.
 MEAN, NORM_PRESERVING = 0, 1
 MODES = {"mean": MEAN, "norm_preserving": NORM_PRESERVING}
 
@@ -217,13 +218,13 @@ def merge(
     dest: torch.Tensor,
     n_out: int,
     w: Optional[torch.Tensor],
-    mode: int,
+    mode: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply a destination map (see :func:`tomec.ops.merge`); ``mode``: 0 mean, 1 norm-preserving."""
+    """Apply a destination map (see :func:`tomec.ops.merge`); ``mode``: a key of :data:`MODES`."""
     batch, _, channels = x.shape
     out = torch.empty(batch, n_out, channels, device=x.device, dtype=x.dtype)
     size_out = torch.empty(batch, n_out, 1, device=x.device, dtype=x.dtype)
-    launch_merge(x, size, dest, w, out, size_out, mode)
+    launch_merge(x, size, dest, w, out, size_out, MODES[mode])
     return out, size_out
 
 

@@ -89,11 +89,6 @@ def meta_shape(node: Any, original: bool = False) -> Optional[tuple]:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
-def tensor_meta(node: Any) -> Optional[torch.Tensor]:
-    value = meta_value(node)
-    return value if isinstance(value, torch.Tensor) else None
-
-
 def module_path(node: Node) -> str:
     """Deepest module of a node as a readable path (``blocks.3.attn``), ``<root>`` if none."""
     stack = node.meta.get("nn_module_stack")
@@ -109,14 +104,6 @@ def module_class(node: Node) -> Optional[type]:
         return None
     cls = list(stack.values())[-1][1]
     return cls if isinstance(cls, type) else None
-
-
-def module_stack_classes(node: Node) -> list[str]:
-    stack = node.meta.get("nn_module_stack") or {}
-    names = []
-    for _, cls in stack.values():
-        names.append(cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1])
-    return names
 
 
 def strip_root(path: str) -> str:

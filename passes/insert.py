@@ -106,7 +106,7 @@ def insert_merges(gm: GraphModule, plan: Plan, config: TomecConfig, device_type:
     state = Inserted(attention_impl=attn_impl)
     bias: Optional[Node] = None
 
-    site = method.site_of(config.method_options)
+    site = config.site
     for block, r, n_in in zip(plan.blocks, plan.schedule, plan.tokens_in):
         ahead = site == "ahead" and r > 0
         if state.size is not None and config.prop_attn and not ahead:  # ahead: the step biases
@@ -173,7 +173,7 @@ def _step_kwargs(block, r, plan, config, impl) -> dict:
         "num_layers": len(plan.blocks), "scale": block.scale, "prop_attn": config.prop_attn,
         "trace_source": config.trace_source, "impl": impl,
         # learned weights travel as get_attr nodes, never as node constants
-        "options": {k: v for k, v in config.method_options.items() if k not in method.param_options},
+        "options": config.method_options.graph_args(),
     }
 
 
@@ -192,7 +192,7 @@ def _insert_merge_step(gm, block, r, plan, config, state, impl) -> Node:
     residual = block.residual
     method = config.method_spec
     kwargs = _step_kwargs(block, r, plan, config, impl)
-    if "attn_in" in method.inputs:
+    if "attn_in" in method.graph_inputs:
         if block.attn_in is None:
             raise UnsupportedModelError(
                 f"method {method.name!r} reads the tokens entering the attention projections, but "

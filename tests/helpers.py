@@ -126,3 +126,21 @@ def check_parity(name, fused, batch, prop_attn=True, compiler="eager", method="t
     if trace_source:
         assert torch.equal(be.last_info["source"], st.source)
     return model, compiled, be, ref, x
+
+
+class GatedAttention(timm.layers.Attention):
+    """timm's ``Attention`` with its output gate (``gated=True``: ``sigmoid(gate(x))`` times the
+    attention output, before the projection)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, gated=True, **kwargs)
+
+
+def make_gated_model(name: str = "test_vit", fused: bool = True, seed: int = 0, **kwargs: Any) -> nn.Module:
+    """:func:`make_model` with gated attention in every block, the gates' weights spread (×20) so that
+    a gate differs from token to token and from 1/2 (timm's init leaves it near 1/2 everywhere)."""
+    model = make_model(name, fused, seed, attn_layer=GatedAttention, **kwargs)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.gate.weight.mul_(20.0)
+    return model

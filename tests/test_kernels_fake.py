@@ -29,7 +29,7 @@ def test_fake_functions_on_cuda(dtype):
         assert (dest.shape, dest.dtype, dest.device.type) == ((4, 197), torch.int64, "cuda")
         x = torch.empty(4, 197, 384, device="cuda", dtype=dtype)
         size = torch.empty(4, 197, 1, device="cuda", dtype=dtype)
-        for mode in (0, 1):
+        for mode in ("mean", "norm_preserving"):
             out, size_out = torch.ops.tomec.merge(x, size, dest, 177, None, mode)
             assert (out.shape, out.dtype, out.device.type) == ((4, 177, 384), dtype, "cuda")
             assert (size_out.shape, size_out.dtype) == ((4, 177, 1), dtype)

@@ -25,11 +25,11 @@ def _artifacts(preset, model):
     """Stand-ins for the trained artifacts a preset requires (untrained, the right shapes)."""
     out = {}
     if "heads" in preset.requires:
-        from tomec.dtem import DtemHeads
+        from tomec.train.dtem import DtemHeads
 
         out["heads"] = DtemHeads.for_model(model)
     if "adapter" in preset.requires:
-        from tomec.fpet import FpetAdapter
+        from tomec.train.fpet import FpetAdapter
 
         out["adapter"] = FpetAdapter(model.blocks[0].attn.head_dim)
     if "counts" in preset.requires:

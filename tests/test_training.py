@@ -82,13 +82,13 @@ def test_merge_step_gradcheck(method):
     spec = methods.get(method)
     x, keys, queries, size, attn_in = _step_inputs()
     r, protected, layer, num_layers = 4, 1, 1, 4
-    options = spec.check_options({})
+    options = spec.make_options({})
     params = None
     if spec.params is not None:  # learned tensors (DTEM's head), as the passes would give them
         params = spec.params(options, layer=layer, num_layers=num_layers, channels=x.shape[-1],
                              head_dim=keys.shape[-1])
         params = {name: t.double() for name, t in params.items()}
-    if spec.site == "block":
+    if spec.site(options) == "block":
         fn = lambda x: spec.transform(x, r, protected)  # noqa: E731
     else:
         def fn(x):
@@ -97,7 +97,7 @@ def test_merge_step_gradcheck(method):
                 num_layers=num_layers, scale=0.5, options=options, attn_in=attn_in, params=params,
             )
             return out, size_out
-    out = fn(x)[0] if spec.site != "block" else fn(x)
+    out = fn(x)[0] if spec.site(options) != "block" else fn(x)
     assert out.shape == (2, x.shape[1] - r, x.shape[2])
     assert torch.autograd.gradcheck(fn, (x,), fast_mode=True)
 

@@ -30,8 +30,7 @@ __version__ = "0.1.0"
 # back into the package: loaded on first attribute access, so ``import tomec; tomec.reference.patch``
 # works without making ``import tomec`` pay for them.
 _LAZY_SUBMODULES = frozenset({
-    "reference", "flops", "vis", "calibrate", "dtem", "fpet", "diffrate_search", "finetune", "demo",
-    "kernel_check", "cli", "passes", "kernels", "bench",
+    "reference", "flops", "vis", "train", "demo", "kernel_check", "cli", "passes", "kernels", "bench",
 })
 
 

@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from torch.fx import GraphModule
 
+from . import methods
 from .config import TomecConfig
 from .errors import ConfigError
 
@@ -171,29 +172,27 @@ def _backend_from_options(options: Mapping[str, Any]) -> tuple[TomecBackend, dic
     options and Inductor's; a key that is none of these is an error that lists the valid names."""
     import torch._inductor.config as inductor_config
 
-    from . import methods
-
     options = dict(options)
     names = TomecConfig.field_names() - {"method_options"}
     method = methods.get(options.get("method", "tome"))
     ours = {k: options.pop(k) for k in list(options) if k in names}
-    method_options = {k: options.pop(k) for k in list(options) if k in method.options}
+    method_options = {k: options.pop(k) for k in list(options) if k in method.options.names()}
     if ours.get("trace_source"):
         raise ConfigError(
             'trace_source=True in backend="tomec" options= leaves no backend object to read last_info '
             "from; pass backend=tomec.backend(..., trace_source=True) and read backend.last_info"
         )
     for key in options:
-        others = [m for m in methods.available() if key in methods.get(m).options]
+        others = [m for m in methods.available() if key in methods.get(m).options.names()]
         if others:
             raise ConfigError(
                 f"option {key!r} belongs to method(s) {others}, not to {method.name!r}, whose options "
-                f"are {sorted(method.options) or 'none'}"
+                f"are {sorted(method.options.names()) or 'none'}"
             )
         if not hasattr(inductor_config, key.split(".")[0]):
             raise ConfigError(
                 f"unknown option {key!r} in options=: tomec's are {sorted(names)}; method "
-                f"{method.name!r}'s are {sorted(method.options) or 'none'}; any other key must be an "
+                f"{method.name!r}'s are {sorted(method.options.names()) or 'none'}; any other key must be an "
                 f"Inductor option (torch._inductor.list_options())"
             )
     if options and ours.get("compiler") == "eager":

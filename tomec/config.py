@@ -35,13 +35,13 @@ class TomecConfig:
     trace_source: bool = False
     compiler: str = "inductor"
     strict: bool = True
-    method_options: Mapping[str, Any] = field(default_factory=dict)
+    method_options: Union[methods.Options, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         spec = methods.get(self.method)
         object.__setattr__(self, "method", spec.name)
-        object.__setattr__(self, "method_options", spec.check_options(dict(self.method_options)))
-        own = spec.owns_schedule(self.method_options)
+        object.__setattr__(self, "method_options", spec.make_options(self.method_options))
+        own = self.method_options.owns_schedule()
         if own and (self.r is not None or self.schedule is not None):
             raise ConfigError(
                 f"method {spec.name!r} takes its schedule from its options here; drop r= / schedule="
@@ -74,6 +74,9 @@ class TomecConfig:
             or self.protect < 0
         ):
             raise ConfigError(f"protect must be 'auto' or a non-negative int, got {self.protect!r}")
+        advice = spec.advise(self.method_options) if spec.advise is not None else None
+        if advice:
+            methods.core.advise(advice)
 
     @classmethod
     def field_names(cls) -> frozenset[str]:
@@ -83,14 +86,19 @@ class TomecConfig:
     def method_spec(self) -> methods.Method:
         return methods.get(self.method)
 
+    @property
+    def site(self) -> str:
+        """Where the method's step sits with these options ("attention", "block" or "ahead")."""
+        return self.method_spec.site(self.method_options)
+
     def resolve_schedule(self, num_layers: int, num_tokens: int, num_protected: int) -> list[int]:
         """Per-block token counts for a model with these dimensions (see :mod:`tomec.schedule`)."""
         spec = self.method_spec
-        if spec.owns_schedule(self.method_options):
+        if self.method_options.owns_schedule():
             return spec.schedule(self.method_options, num_layers, num_tokens, num_protected)
         blocks = None
         if spec.reduction_blocks is not None:
-            blocks = spec.reduction_blocks(num_layers, self.method_options)
+            blocks = spec.reduction_blocks(self.method_options, num_layers)
         return schedules.resolve(
             num_layers,
             num_tokens,

@@ -163,7 +163,7 @@ def _formula_report(model: Any, config: Any) -> dict[str, Any]:
     dims = vit_dims(model)
     protected = config.protect if isinstance(config.protect, int) else dims.protected
     plan = config.resolve_schedule(dims.num_blocks, dims.num_tokens, protected)
-    site = config.method_spec.site_of(config.method_options)
+    site = config.site
     tokens, n = [], dims.num_tokens
     for v in plan:
         tokens.append(n)

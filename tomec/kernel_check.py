@@ -21,6 +21,7 @@ from torch.fx.node import map_aggregate, map_arg
 
 from . import kernels
 from .errors import KernelCompileError
+from .methods import merge_step
 from .ops.common import broken_ops, ignoring_broken_ops, mark_broken
 
 __all__ = ["check_graph", "compile_on_device"]
@@ -49,8 +50,6 @@ def _value(node: Node) -> Any:
 
 
 def _step_nodes(gm: GraphModule) -> list[Node]:
-    from .methods import merge_step
-
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is merge_step]
 
 

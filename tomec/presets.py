@@ -121,7 +121,7 @@ PRESETS: tuple[Preset, ...] = (
         "LTMP (TMLR'23), DeiT-S at reduction target 0.6 (Papers with Code)",
         requires=("counts",),
         load="counts= calibrated from thresholds trained at target 0.6: "
-        "tomec.calibrate.train_thresholds(model, data, target=0.6), then `tomec calibrate`",
+        "tomec.train.ltmp.train_thresholds(model, data, target=0.6), then `tomec calibrate`",
     ),
     _preset(
         "atc", "deit_small", {"keep_rate": 0.9, "linkage": "complete"}, None, None,
@@ -135,7 +135,7 @@ PRESETS: tuple[Preset, ...] = (
         "DeiT-S frozen, with DTEM's decoupled embedding trained",
         "movinghoon/DTEM train.py defaults (--val-reduction 16; ToMe's cap leaves 10 in the last block)",
         requires=("heads",),
-        load="heads= trained with tomec.dtem.train_heads (or the official embedding modules)",
+        load="heads= trained with tomec.train.dtem.train_heads (or the official embedding modules)",
         note="the abstract reports 79.85 at -37.2% FLOPs, not at this r", schedule_gflops=2.29,
     ),
     _preset(
@@ -143,7 +143,7 @@ PRESETS: tuple[Preset, ...] = (
         "ViT-B/16 (ImageNet-21k) with FPET's adapter and PEFT modules tuned per VTAB-1k task",
         "kyk120/fpet train.sh: the reduction block 6 of 12 merges every A token (98 of 196)",
         requires=("adapter",),
-        load="adapter= trained with tomec.fpet.train_adapter (or the official adapter), and the "
+        load="adapter= trained with tomec.train.fpet.train_adapter (or the official adapter), and the "
         "task's PEFT weights; FPET reports VTAB-1k, not ImageNet",
         schedule_gflops=13.41,
     ),

@@ -3,8 +3,11 @@
 ``patch(model, "tome", r=100)`` swaps the classes of timm's ``Block`` and ``Attention`` instances for
 subclasses that merge after the attention residual, like ToMe's own patch, but keeps what timm's
 modules do (LayerScale, q/k norm, the attention output norm and gate, fused attention: SDPA with the
-``log(size)`` mask). It runs the same op layer as the compiled path and is its parity oracle; it is
-also the eager path for users. Average pooling over tokens becomes size-weighted, as in the pass.
+``log(size)`` mask): their forward is the one timm ViT forward training shares
+(:mod:`tomec.train.vit`). It runs the same op layer as the compiled path and is its parity oracle; it
+is also the eager path for users. Average pooling over tokens becomes size-weighted, as in the pass.
+The class swapping (:func:`swap_class`, :func:`patch_pool`, :func:`unpatch`) also serves the
+training patches (DTEM's soft merging).
 """
 
 from __future__ import annotations
@@ -12,15 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
 from .config import TomecConfig
 from .errors import UnsupportedModelError
 from .methods import merge_step, merge_step_ahead
+from .train import vit
 
-__all__ = ["patch", "unpatch", "state", "ReferenceState"]
+__all__ = ["patch", "unpatch", "state", "ReferenceState", "swap_class", "patch_pool"]
 
 
 @dataclass
@@ -43,44 +45,17 @@ class ReferenceState:
         self.size, self.source, self.tokens_per_block = None, None, []
 
 
-def _timm_classes() -> tuple[type, type, type]:
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
-
-    return Block, Attention, VisionTransformer
-
-
 def _attention_forward(
     self: nn.Module, x: Tensor, size: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
     is_causal: bool = False, probs: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """timm ``Attention.forward`` plus the ``log(size)`` bias; also returns the keys and queries
-    ``[B, H, N, d]`` that enter attention. ``probs [B, H, N, N]``: the attention map to apply to the
-    values instead of computing one (a merged one-step-ahead map)."""
+    """timm ``Attention.forward`` plus the ``log(size)`` bias (:func:`tomec.train.vit.attention`);
+    also returns the keys and queries ``[B, H, N, d]`` that enter attention. ``probs [B, H, N, N]``:
+    the attention map to apply to the values instead of computing one (a merged one-step-ahead map)."""
     if attn_mask is not None or is_causal:
         raise UnsupportedModelError("the tomec reference does not merge under attention masks")
-    batch, n, _ = x.shape
-    gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-    qkv = self.qkv(x).reshape(batch, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = self.q_norm(q), self.k_norm(k)
-    bias = None if size is None else ops.log_size_bias(size, q.dtype)
-    if probs is not None:
-        x = ops.apply_attention(probs, v)
-    elif self.fused_attn:
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0
-        )
-    else:
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            attn = attn + bias
-        x = self.attn_drop(attn.softmax(dim=-1)) @ v
-    x = x.transpose(1, 2).reshape(batch, n, self.num_heads * self.head_dim)
-    x = self.norm(x)
-    if gate is not None:
-        x = x * gate
-    return self.proj_drop(self.proj(x)), k, q
+    out, q, k, _ = vit.attention(self, x, size, probs=probs)
+    return out, k, q
 
 
 def _learned_params(
@@ -109,7 +84,7 @@ def _block_forward(
     config, method, r = st.config, st.config.method_spec, st.schedule[layer]
     size = st.size if config.prop_attn else None
     attn_in = self.norm1(x)
-    site = method.site_of(config.method_options)
+    site = config.site
     if r > 0 and site == "ahead":  # merge the input with this block's attention, then run it merged
         _, k, q = self.attn(attn_in, size=size, attn_mask=attn_mask, is_causal=is_causal)
         x, st.size, st.source, probs = merge_step_ahead(
@@ -119,10 +94,9 @@ def _block_forward(
         )
         attn_in = self.norm1(x)
         attn_out, _, _ = self.attn(attn_in, probs=probs)
-        x = x + self.drop_path1(self.ls1(attn_out))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return vit.mlp_residual(self, vit.attention_residual(self, x, attn_out))
     attn_out, k, q = self.attn(attn_in, size=size, attn_mask=attn_mask, is_causal=is_causal)
-    x = x + self.drop_path1(self.ls1(attn_out))
+    x = vit.attention_residual(self, x, attn_out)
     if (r > 0 or method.reorders_at_r0) and site == "attention":
         x, st.size, st.source = merge_step(
             x, st.size, st.source, k, q, method=method.name, r=r, protected=st.protected,
@@ -131,31 +105,38 @@ def _block_forward(
             options=config.method_options, attn_in=attn_in,
             params=_learned_params(st, layer, attn_in, k),
         )
-    x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    x = vit.mlp_residual(self, x)
     if r > 0 and site == "block":
         x = method.transform(x, r, st.protected)
     return x
 
 
 def _pool(self: nn.Module, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
-    """timm ``VisionTransformer.pool`` with the token average weighted by size."""
-    pool_type = self.global_pool if pool_type is None else pool_type
-    size = self._tomec_state.size
-    if size is None or pool_type not in ("avg", "avgmax") or self.attn_pool is not None:
-        return self._tomec_plain_pool(x, pool_type)
-    start = 0 if self.pool_include_prefix else self.num_prefix_tokens
-    return ops.size_weighted_pool(x[:, start:], size[:, start:], pool_type)
+    """timm ``VisionTransformer.pool`` with the token average weighted by the sizes the patched
+    forward tracks (``self._tomec_state.size``)."""
+    return vit.pool(self, x, self._tomec_state.size, pool_type)
 
 
 _SUBCLASSES: dict[tuple[type, str], type] = {}
 
 
-def _swap_class(module: nn.Module, methods: dict[str, Any], tag: str) -> None:
+def swap_class(module: nn.Module, methods: dict[str, Any], tag: str) -> None:
+    """Give ``module`` a subclass of its class (one per class and ``tag``, cached) whose ``methods``
+    replace the class's; :func:`unpatch` restores the class."""
     base = type(module)
     key = (base, tag)
     if key not in _SUBCLASSES:
         _SUBCLASSES[key] = type(f"Tomec{base.__name__}", (base,), dict(methods, _tomec_base=base))
     module.__class__ = _SUBCLASSES[key]
+
+
+def patch_pool(model: nn.Module) -> None:
+    """A timm ``VisionTransformer``'s pooling, from now on size-weighted (:func:`tomec.train.vit.pool`)
+    by the sizes in ``model._tomec_state.size``; other models are left as they are."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, VisionTransformer):
+        swap_class(model, {"pool": _pool}, "vit")
 
 
 def patch(
@@ -177,25 +158,13 @@ def patch(
     After a forward pass, :func:`state` gives the schedule, sizes and (with ``trace_source``) the
     source map.
     """
-    block_cls, attn_cls, vit_cls = _timm_classes()
     config = TomecConfig(
         method=method, r=r, inflect=inflect, schedule=schedule, prop_attn=prop_attn,
         protect=protect, trace_source=trace_source, compiler="eager", method_options=method_options,
     )
     if hasattr(model, "_tomec_state"):
         unpatch(model)
-    blocks = [m for m in model.modules() if isinstance(m, block_cls)]
-    if not blocks:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} holds no timm Block; the reference patch supports timm "
-            f"VisionTransformer-style models (use the tomec backend for other models)"
-        )
-    for b in blocks:
-        if not isinstance(b.attn, attn_cls):
-            raise UnsupportedModelError(
-                f"block {type(b).__name__} has attention {type(b.attn).__name__}; the reference "
-                f"patch supports timm's Attention only"
-            )
+    blocks = vit.timm_blocks(model, "the reference patch", advice="use the tomec backend for other models")
     if protect == "auto":
         protected = int(getattr(model, "num_prefix_tokens", 0))
     else:
@@ -204,10 +173,9 @@ def patch(
     model._tomec_state = st
     for layer, b in enumerate(blocks):
         b._tomec_state, b._tomec_layer = st, layer
-        _swap_class(b, {"forward": _block_forward}, "block")
-        _swap_class(b.attn, {"forward": _attention_forward}, "attn")
-    if isinstance(model, vit_cls):
-        _swap_class(model, {"pool": _pool, "_tomec_plain_pool": vit_cls.pool}, "vit")
+        swap_class(b, {"forward": _block_forward}, "block")
+        swap_class(b.attn, {"forward": _attention_forward}, "attn")
+    patch_pool(model)
     return model
 
 

@@ -22,7 +22,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from tomec.kernels.atc import launch_atc_cluster  # noqa: E402
 from tomec.ops import atc_match  # noqa: E402
-from tomec.ops.atc import atc_cluster  # noqa: E402
+from tomec.methods.atc import atc_cluster  # noqa: E402
 
 POISON = -7
 
@@ -186,7 +186,7 @@ def test_repeated_runs_and_tilings_give_the_same_labels():
 @pytest.mark.parametrize("t,dtype", [(17, torch.float32), (23, torch.float16), (12, torch.float64)])
 def test_complete_and_single_linkage(t, dtype, linkage):
     from tomec.kernels.atc import LINKAGES
-    from tomec.ops.atc import LINKAGES as OP_LINKAGES
+    from tomec.methods.atc import LINKAGES as OP_LINKAGES
 
     assert LINKAGES == OP_LINKAGES  # the kernel's LINKAGE code is the index in this tuple
     for dist in (random_dist(2, t, dtype, seed=t), integer_dist(2, t, dtype, seed=t)):

@@ -54,7 +54,7 @@ def merge(
         )
     if resolve_impl(impl, x.device, "merge") == "triton":
         _register_merge_autograd()
-        return torch.ops.tomec.merge(x, size, dest, n_out, w, MERGE_MODES.index(mode))
+        return torch.ops.tomec.merge(x, size, dest, n_out, w, mode)
     if size is None:
         size = x.new_ones(batch, n, 1)
     if w is None:
@@ -158,7 +158,7 @@ def _register_merge_autograd() -> None:
     :func:`merge_dense`. The destination map is a discrete choice and gets no gradient."""
     register_vjp_autograd(
         "tomec::merge",
-        lambda x, size, dest, n_out, w, mode: merge_dense(x, size, dest, n_out, w, MERGE_MODES[mode]),
+        lambda x, size, dest, n_out, w, mode: merge_dense(x, size, dest, n_out, w, mode),
         differentiable=(0, 1, 4),
     )
 
