@@ -1,10 +1,15 @@
-"""Benchmarks and evaluation, shipped as ``tomec.bench`` (each module also runs as a script):
+"""Benchmarks and evaluation scripts, shipped as ``tomec.bench`` (each module also runs as a script):
 throughput (``tomec bench``), kernel and attention micro-benchmarks, accuracy evaluation
-(``tomec eval``), the offline digits study. Results go to ``bench/results/`` as CSV/JSON and plots."""
+(``tomec eval``), the offline digits study and its fine-tuning runs. Results go to ``bench/results/``
+as CSV/JSON and plots.
+
+The scripts import the library; the library never imports them: what a ``tomec`` command runs lives
+in ``tomec`` (:mod:`tomec.throughput`, :mod:`tomec.evaluate`, :mod:`tomec.digits`, ...), and the
+scripts of the same names here re-export it under the names the README and ``make gpu`` use."""
 
 _MODULES = frozenset({
     "accuracy", "aot", "attention", "digits", "finetune_diffrate", "finetune_dtem", "finetune_fpet",
-    "gpu", "inductor_aot", "kernel_model", "kernels", "ltmp_digits", "machine", "throughput", "timing",
+    "gpu", "inductor_aot", "kernel_model", "kernels", "ltmp_digits", "throughput", "timing",
 })
 
 

@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from tomec import kernels, methods, ops
+from tomec.bench import inductor_aot
 from tomec.kernels import aot
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -265,8 +266,6 @@ def summary(rows: Sequence[Row]) -> list[dict]:
 def inductor_summary(cc: int = 90) -> dict:
     """The kernels Inductor generates for a merged fp16 model (timm's test_vit, ToMe with the source
     map) on a faked ``cc`` GPU, compiled for it (tomec.bench.inductor_aot)."""
-    from tomec.bench import inductor_aot
-
     gm, inputs, mode = inductor_aot.merged_graph("test_vit", "tome", 30, trace_source=True)
     rows = inductor_aot.compile_generated(inductor_aot.generated_code(gm, inputs, mode, cc), cc)
     spilling = sorted({r.kernel for r in rows if r.spills and not r.tomec})

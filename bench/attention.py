@@ -26,7 +26,7 @@ from tqdm import tqdm
 from tomec.bench.timing import time_cpu, time_cuda
 from tomec import ops
 
-from tomec.bench.machine import machine
+from tomec.machine import machine
 
 HEADS = {"deit_s": (6, 64), "vit_b": (12, 64), "vit_l": (16, 64)}
 IMPLS = {

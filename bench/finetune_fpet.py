@@ -1,14 +1,14 @@
 """Offline training of FPET's refinement adapter on the digits ViT (CPU, seeded, about a minute).
 
-The backbone (``bench/digits/vit_digits.pt``) stays frozen; only the 1-bit adapter at the reduction
+The backbone (``tomec/data/digits/vit_digits.pt``) stays frozen; only the 1-bit adapter at the reduction
 block trains (:func:`tomec.fpet.train_adapter`: the official straight-through assignment, AdamW
 with weight decay 1e-4, lr 1e-2: the official 1e-3 is for 100 epochs), with FPET's own setting: the middle block (3 of 6) merges every A token of
 the checkerboard, 32 of the 64 patches. For each seed the test split is evaluated through the
 compiled backend (``compiler="eager"``) without an adapter and with the trained one (the same
-schedule, so the same FLOPs). Seed 0's adapter goes to ``bench/digits/fpet_adapter.pt``, the numbers
-to ``bench/results/finetune-fpet.json``, whatever they are.
+schedule, so the same FLOPs). Seed 0's adapter goes to ``tomec/data/digits/fpet_adapter.pt``, the
+numbers to ``bench/results/finetune-fpet.json``, whatever they are.
 
-    .venv/bin/python -m bench.finetune_fpet [--seeds 3] [--steps 150]
+    .venv/bin/python -m tomec.bench.finetune_fpet [--seeds 3] [--steps 150]
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any, Optional
 import torch
 
 import tomec
-from .digits import CHECKPOINT, RESULTS, digits_data, load_trained, over_seeds, scores_of, write_result
+from tomec.digits import DATA, RESULTS, digits_data, load_trained, over_seeds, scores_of, write_result
 from tomec.fpet import train_adapter
 
-ADAPTER = CHECKPOINT.parent / "fpet_adapter.pt"
+ADAPTER = DATA / "fpet_adapter.pt"
 RESULT_FILE = RESULTS / "finetune-fpet.json"
 R = 32  # every A token of the 8 x 8 checkerboard
 SEEDS = 3
@@ -46,6 +46,9 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, **options
 
 def run(seeds: int = SEEDS, steps: int = STEPS, lr: float = LR, out: Optional[Path] = RESULT_FILE,
         adapter_out: Optional[Path] = ADAPTER) -> dict[str, Any]:
+    """Train the adapter once per seed and evaluate it against FPET without one (the module's
+    docstring); writes the result to ``out`` and seed 0's adapter to ``adapter_out`` (None: not
+    written) and returns the result."""
     torch.set_num_threads(1)
     model = load_trained()
     x, y, x_test, y_test = digits_data()
@@ -69,7 +72,7 @@ def run(seeds: int = SEEDS, steps: int = STEPS, lr: float = LR, out: Optional[Pa
                  "threads": torch.get_num_threads(), "r": R, "block": 3, "steps": steps,
                  "batch_size": BATCH, "optimizer": f"AdamW lr {lr} wd 1e-4", "backbone": "frozen",
                  "loss": "cross-entropy, labels", "test_images": len(y_test), "unmerged": unmerged,
-                 "adapter_file": "bench/digits/fpet_adapter.pt (seed 0)",
+                 "adapter_file": "tomec/data/digits/fpet_adapter.pt (seed 0)",
                  "evaluation": "tomec.backend(compiler='eager'), the same schedule for both arms"},
         "no_adapter": plain, "rows": rows, "summary": summary,
     }

@@ -85,7 +85,7 @@ def plan(out: Path, dry_run: bool) -> list[Step]:
     kernels = ["--device", "cpu", "--quick", "--providers", "eager,triton"] if dry_run else []
     attention = ["--device", "cpu", "--quick", "--impls", "sdpa_no_bias,mask"] if dry_run else []
     return [
-        Step("env", ["-c", "import json, torch, tomec, tomec.bench.machine as m; "
+        Step("env", ["-c", "import json, torch, tomec, tomec.machine as m; "
                            "print(json.dumps(dict(m.machine('cuda' if torch.cuda.is_available() else 'cpu'), "
                            "tomec=tomec.__file__, tomec_path=list(tomec.__path__))))"], limit_s=120, always=True),
         Step("tests", ["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_gpu.py",

@@ -20,6 +20,7 @@ this runs in CI's environment, not on the lent GPU (which compiles for real).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import io
@@ -32,7 +33,10 @@ from unittest import mock
 
 import torch
 
+from tomec import kernels
+from tomec.config import TomecConfig
 from tomec.kernels import aot
+from tomec.passes import rewrite
 
 
 @dataclass
@@ -183,8 +187,6 @@ def compile_generated(code: str, cc: int = 90) -> list[InductorRow]:
     """Compile every autotuning configuration of every Triton kernel in Inductor's ``code`` for ``cc``."""
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 
-    from tomec import kernels
-
     ours = _tomec_kernel_names()
     rows = []
     kernels.load()
@@ -219,8 +221,6 @@ def compile_generated(code: str, cc: int = 90) -> list[InductorRow]:
 
 def _tomec_kernel_names() -> set[str]:
     from triton.runtime.jit import JITFunction
-
-    from tomec import kernels
 
     kernels.load()
     names = set()
@@ -284,10 +284,7 @@ def as_fake_cuda(gm: torch.fx.GraphModule, inputs: Sequence) -> tuple[list, Any]
 def merged_graph(model_name: str = "test_vit", method: str = "tome", r: int = 30,
                  dtype: torch.dtype = torch.float16, batch: int = 2, **options: Any):
     """A timm model's Dynamo graph on fake CUDA tensors, rewritten by tomec: ``(gm, inputs, mode)``."""
-    import timm
-
-    from tomec.config import TomecConfig
-    from tomec.passes import rewrite
+    import timm  # seconds to import: only this graph needs it
 
     torch.manual_seed(0)
     model = timm.create_model(model_name, pretrained=False).eval().to(dtype)
@@ -299,8 +296,6 @@ def merged_graph(model_name: str = "test_vit", method: str = "tome", r: int = 30
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="test_vit")
     parser.add_argument("--method", default="tome")
@@ -316,8 +311,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad = failures(rows, args.cc)
     for line in bad:
         print("FAIL", line)
-    kernels = {r.kernel for r in rows}
-    print(f"{len(kernels)} kernels, {len(rows)} configurations compiled for sm_{args.cc}")
+    names = {r.kernel for r in rows}
+    print(f"{len(names)} kernels, {len(rows)} configurations compiled for sm_{args.cc}")
     return 1 if bad else 0
 
 

@@ -27,7 +27,7 @@ import torch
 
 from tomec import methods
 from tomec.bench.aot import MODELS, Shape, kernel_methods, step_calls, step_launches
-from tomec.bench.machine import machine
+from tomec.machine import machine
 from tomec.kernels.common import H200, Device
 
 RESULTS = Path(__file__).resolve().parent / "results"

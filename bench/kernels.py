@@ -26,7 +26,7 @@ from tqdm import tqdm
 from tomec.bench.timing import time_cpu, time_cuda
 from tomec import kernels, ops
 
-from tomec.bench.machine import device_name, machine
+from tomec.machine import device_name, machine
 
 # name: (tokens, width, heads); r: tokens one ToMe layer removes at r=13-per-layer settings
 MODELS = {"deit_s": (197, 384, 6), "vit_b": (197, 768, 12), "vit_l": (197, 1024, 16)}

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tomec.bench.accuracy import ExactDistributedSampler, evaluate
+from tomec.evaluate import ExactDistributedSampler, evaluate
 
 NUM_IMAGES = 31  # odd: DistributedSampler would pad a duplicate
 NUM_CLASSES = 7  # random weights then hit top-1 and top-5 often enough for counts to mean something
@@ -52,11 +52,11 @@ def _counts(result: dict) -> tuple:
     return n, tuple(round(result[w][k] * n) for w in ("unmerged", "merged") for k in ("top1", "top5"))
 
 
-def _torchrun(folder: Path, nproc: int, out: Path) -> dict:
+def _torchrun(folder: Path, nproc: int, out: Path, module: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same float arithmetic in both runs
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-         "-m", "tomec.bench.accuracy", "--data", str(folder), "--model", "test_vit", "--method", "tome",
+         "-m", module, "--data", str(folder), "--model", "test_vit", "--method", "tome",
          "--reduce", "40", "--batch", "1", "--workers", "0", "--compiler", "eager",
          "--num-classes", str(NUM_CLASSES), "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=600,
@@ -66,8 +66,9 @@ def _torchrun(folder: Path, nproc: int, out: Path) -> dict:
 
 
 def test_torchrun_two_gloo_processes_count_every_image_once(folder, tmp_path):
-    single = _torchrun(folder, 1, tmp_path / "single.json")
-    dist = _torchrun(folder, 2, tmp_path / "dist.json")
+    # The library's module and the benchmark script's name for it (the README gives both) run the same.
+    single = _torchrun(folder, 1, tmp_path / "single.json", "tomec.bench.accuracy")
+    dist = _torchrun(folder, 2, tmp_path / "dist.json", "tomec.evaluate")
     assert (single["world_size"], dist["world_size"]) == (1, 2)
     assert dist["images"] == NUM_IMAGES
     # Batch size 1 and one thread: every image is computed alike in both runs, so counts match exactly.
@@ -86,10 +87,10 @@ def test_eval_refuses_a_head_smaller_than_the_folder(folder):
 
 
 def test_eval_takes_a_preset(folder, tmp_path, capsys):
-    from tomec.bench import accuracy
+    from tomec import evaluate as evaluation
 
     out = tmp_path / "preset.json"
-    accuracy.main(["--data", str(folder), "--model", "deit_tiny_patch16_224", "--preset", "mctf/deit_tiny",
+    evaluation.main(["--data", str(folder), "--model", "deit_tiny_patch16_224", "--preset", "mctf/deit_tiny",
                    "--batch", "2", "--workers", "0", "--compiler", "eager", "--limit", "4",
                    "--num-classes", str(NUM_CLASSES), "--out", str(out)])
     result = json.loads(out.read_text())
@@ -106,7 +107,7 @@ def test_eval_checks_its_arguments_first(folder, tmp_path):
 
 
 def test_eval_warns_when_the_folder_has_fewer_classes_than_the_head(folder):
-    from tomec.bench.accuracy import ClassCountWarning
+    from tomec.evaluate import ClassCountWarning
 
     with pytest.warns(ClassCountWarning, match="7 classes but test_vit predicts 1000"):
         result = evaluate(str(folder), "test_vit", batch_size=1, workers=0, limit=1, compile_merged=False,

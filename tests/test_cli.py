@@ -188,7 +188,7 @@ def test_finetune_examples_are_named_by_their_command(what, capsys):
 def test_bench_takes_the_merge_arguments(runs, request, monkeypatch):
     _one_error_line(_result(runs, request, "both"), "--r and --schedule/--keep-ratio")
 
-    from tomec.bench import throughput
+    from tomec import throughput
     from tomec.schedule import keep_ratio
 
     calls = []

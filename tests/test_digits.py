@@ -7,7 +7,7 @@ import torch
 
 import tomec
 from tomec import methods
-from tomec.bench import digits
+from tomec import digits
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ def test_wheel_contents(tmp_path):
     top = {n.split("/")[0] for n in names}
     assert top == {"tomec", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}
     for module in ("tomec/kernels/match.py", "tomec/kernels/merge.py", "tomec/passes/blocks.py",
-                   "tomec/ops/merge.py", "tomec/bench/throughput.py", "tomec/bench/digits/vit_digits.pt"):
+                   "tomec/ops/merge.py", "tomec/bench/throughput.py", "tomec/data/digits/vit_digits.pt"):
         assert module in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt")))
     assert b"[torch_dynamo_backends]" in entry_points and b"tomec = tomec.api:tomec_dynamo_backend" in entry_points

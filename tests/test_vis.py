@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tomec import vis
-from tomec.bench.accuracy import load_model
+from tomec.models import load_model
 
 from .helpers import make_model
 

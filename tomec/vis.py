@@ -18,7 +18,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from . import cli_args, methods, reference
+from .api import backend
 from .errors import ConfigError, UnsupportedModelError
+from .models import load_model
 
 __all__ = ["groups_image", "source_maps", "check_depths", "normalize", "render", "load_image", "main"]
 
@@ -94,9 +97,6 @@ def source_maps(
 ) -> tuple[list[torch.Tensor], int]:
     """Source maps ``[B, N0]`` after blocks ``depths`` (1-based counts of blocks), and the number of
     protected tokens. ``path``: ``"compiled"`` (the tomec backend) or ``"reference"`` (eager)."""
-    from . import methods, reference
-    from .api import backend
-
     method = merge_kwargs.get("method", "tome")
     if not methods.get(method).supports_source:
         raise ConfigError(f"method {method!r} has no source map to draw")
@@ -126,7 +126,7 @@ def source_maps(
 
 def normalize(image: np.ndarray, model: torch.nn.Module) -> torch.Tensor:
     """``[H, W, 3]`` in [0, 1] -> ``[1, 3, H, W]`` with the model's mean and std (timm's config)."""
-    import timm
+    import timm  # seconds to import: paid when an image is drawn, not by ``import tomec.vis``
 
     cfg = timm.data.resolve_data_config({}, model=model)
     mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1), torch.tensor(cfg["std"]).view(3, 1, 1)
@@ -174,34 +174,32 @@ def load_image(path: Optional[str], size: int) -> np.ndarray:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from .cli import add_debug_argument, add_merge_arguments, merge_kwargs, parse_integers
-
+    """``tomec vis``: draw the groups at ``--depths`` beside the input image into ``--out`` (PNG)."""
     parser = argparse.ArgumentParser(prog="tomec vis", description=__doc__.splitlines()[0])
     parser.add_argument("--image", default=None, help="default: matplotlib's grace_hopper.jpg")
     parser.add_argument("--model", default=None, help="a timm name (default: deit_small_patch16_224, or the preset's)")
     parser.add_argument("--pretrained", action="store_true", help="timm weights (cached or reachable)")
     parser.add_argument("--checkpoint", default=None)
-    add_merge_arguments(parser)
+    cli_args.add_merge_arguments(parser)
     parser.add_argument("--depths", default=None, help="blocks applied, e.g. 4,8,12 (default: all)")
     parser.add_argument("--path", choices=("compiled", "reference"), default="compiled")
     parser.add_argument("--compiler", choices=("inductor", "eager"), default="inductor")
     parser.add_argument("--out", default="tomec_vis.png")
-    add_debug_argument(parser)
+    cli_args.add_debug_argument(parser)
     args = parser.parse_args(argv)
 
-    import matplotlib
+    import matplotlib  # seconds to import: after the arguments, so a usage error is quick
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .bench.accuracy import load_model
-
-    kwargs = {k: v for k, v in merge_kwargs(args).items() if v is not None}  # first: a preset's model
+    kwargs = {k: v for k, v in cli_args.merge_kwargs(args).items() if v is not None}  # first: a preset's model
     model = load_model(args.model, args.pretrained, args.checkpoint)
     image = load_image(args.image, model.pretrained_cfg["input_size"][-1])
     depths = None
     if args.depths is not None:
-        depths = check_depths(model, parse_integers(args.depths, "--depths"), name=args.model, what="--depths")
+        depths = check_depths(model, cli_args.parse_integers(args.depths, "--depths"), name=args.model,
+                              what="--depths")
     panels = render(image, model, depths, path=args.path, compiler=args.compiler, **kwargs)
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 4))
     axes[0].imshow(image)
@@ -218,6 +216,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    from .cli import run_command
-
-    run_command(main)  # an error is one line, as under the tomec command
+    cli_args.run_command(main)  # an error is one line, as under the tomec command

@@ -1,4 +1,4 @@
-"""What every result file records about the machine it was measured on."""
+"""What every result file records about the machine it was measured on, and where result files go."""
 
 from __future__ import annotations
 
@@ -6,9 +6,20 @@ import os
 import platform
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+__all__ = ["RESULTS", "device_name", "machine"]
+
+_CHECKOUT = Path(__file__).resolve().parent.parent
+# The default folder of the result files (throughput, the fine-tuning studies): from a source
+# checkout, the repository's records in bench/results/ (the ones the README quotes, kept as they
+# were before this code moved out of bench/); an installed tomec has no such folder and writes to
+# the working directory. A path only: nothing of bench/ is imported.
+RESULTS = (_CHECKOUT / "bench" / "results" if (_CHECKOUT / "pyproject.toml").is_file()
+           and (_CHECKOUT / "bench").is_dir() else Path("."))
 
 
 def _triton_version() -> Optional[str]:
