@@ -1,7 +1,7 @@
 """Offline training of FPET's refinement adapter on the digits ViT (CPU, seeded, about a minute).
 
 The backbone (``tomec/data/digits/vit_digits.pt``) stays frozen; only the 1-bit adapter at the reduction
-block trains (:func:`tomec.fpet.train_adapter`: the official straight-through assignment, AdamW
+block trains (:func:`tomec.train.fpet.train_adapter`: the official straight-through assignment, AdamW
 with weight decay 1e-4, lr 1e-2: the official 1e-3 is for 100 epochs), with FPET's own setting: the middle block (3 of 6) merges every A token of
 the checkerboard, 32 of the 64 patches. For each seed the test split is evaluated through the
 compiled backend (``compiler="eager"``) without an adapter and with the trained one (the same
@@ -24,7 +24,7 @@ import torch
 
 import tomec
 from tomec.digits import DATA, RESULTS, digits_data, load_trained, over_seeds, scores_of, write_result
-from tomec.fpet import train_adapter
+from tomec.train.fpet import train_adapter
 
 ADAPTER = DATA / "fpet_adapter.pt"
 RESULT_FILE = RESULTS / "finetune-fpet.json"

@@ -1,7 +1,7 @@
 """Triton kernels and their launch wrappers (they import nothing of tomec).
 
 The kernels register as ``torch.library.triton_op``s in the ``tomec`` namespace
-(``torch.ops.tomec.tome_match``, ``merge``, ``compose_source``, ``pitome_match``,
+(``torch.ops.tomec.bipartite_match``, ``merge``, ``compose_source``, ``pitome_match``,
 ``attention_received``, ``atc_cluster_triton``, ``crossget_rowmax``)
 with fake functions, so Inductor sees into them and CUDA graphs capture them. Importing this package
 does not import Triton; :func:`load` does.

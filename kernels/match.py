@@ -441,8 +441,8 @@ def run_tome_match(keys: torch.Tensor, r: int, protected: int, dest: torch.Tenso
     )
 
 
-@triton_op("tomec::tome_match", mutates_args=())
-def tome_match(keys: torch.Tensor, r: int, protected: int, drop_sources: bool = False) -> torch.Tensor:
+@triton_op("tomec::bipartite_match", mutates_args=())
+def bipartite_match(keys: torch.Tensor, r: int, protected: int, drop_sources: bool = False) -> torch.Tensor:
     """``[B, H, N, d]`` keys (or a ``[B, N, d]`` metric) ``-> dest [B, N]`` int64: ToMe's bipartite
     matching (see :func:`tomec.ops.bipartite_match`)."""
     dest = torch.empty(keys.shape[0], keys.shape[-2], device=keys.device, dtype=torch.int64)
@@ -450,6 +450,6 @@ def tome_match(keys: torch.Tensor, r: int, protected: int, drop_sources: bool = 
     return dest
 
 
-@tome_match.register_fake
+@bipartite_match.register_fake
 def _(keys: torch.Tensor, r: int, protected: int, drop_sources: bool = False) -> torch.Tensor:
     return keys.new_empty(keys.shape[0], keys.shape[-2], dtype=torch.int64)

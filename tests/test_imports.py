@@ -414,7 +414,6 @@ def test_method_word_splitting():
     assert _method_words("ops_ltmp", methods) == ["ltmp"] and _method_words("merge", methods) == []
 
 
-@pytest.mark.xfail(strict=False, reason="method ops move out of tomec/ops in the same redesign")
 def test_passes_and_ops_name_no_method():
     """``passes/`` and ``tomec/ops/`` hold what every method shares: no code there names a method
     (as a word of an identifier, any case). ``tomec/ops/__init__.py``'s imports are skipped: a

@@ -25,7 +25,7 @@ def test_fake_functions_on_cuda(dtype):
     kernels.load()
     with FakeTensorMode():
         metric = torch.empty(4, 197, 64, device="cuda", dtype=dtype)
-        dest = torch.ops.tomec.tome_match(metric, 20, 1)
+        dest = torch.ops.tomec.bipartite_match(metric, 20, 1)
         assert (dest.shape, dest.dtype, dest.device.type) == ((4, 197), torch.int64, "cuda")
         x = torch.empty(4, 197, 384, device="cuda", dtype=dtype)
         size = torch.empty(4, 197, 1, device="cuda", dtype=dtype)
@@ -69,7 +69,7 @@ def test_pass_inserts_triton_ops_on_cuda_and_torch_ops_on_cpu(device):
     targets = {str(n.target) for n in aten.graph.nodes if n.op == "call_function"}
     tomec_ops = {t for t in targets if "tomec" in t or "triton_kernel_wrapper" in t}
     if device == "cuda":
-        assert {"tomec.tome_match.default", "tomec.merge.default", "tomec.compose_source.default"} <= tomec_ops
+        assert {"tomec.bipartite_match.default", "tomec.merge.default", "tomec.compose_source.default"} <= tomec_ops
     else:
         assert tomec_ops == set()
     # proportional attention on CUDA keeps SDPA with the log(size) mask ("auto" -> "mask")
@@ -162,16 +162,16 @@ def test_a_kernel_that_does_not_compile_falls_back_to_its_plain_op(fresh_kernel_
 
     def compile_launch(launch, device):  # the matching kernel fails for this device, the rest compile
         seen.append((launch.name, launch.op))
-        return "CompilationError: made to fail" if launch.op == "tome_match" else None
+        return "CompilationError: made to fail" if launch.op == "bipartite_match" else None
 
     config = TomecConfig(r=30, trace_source=True, compiler="eager")
     gm, inputs, mode = _cuda_graph(config)
-    with pytest.warns(UserWarning, match=r"tome_match.*does not compile.*made to fail.*plain-PyTorch"):
+    with pytest.warns(UserWarning, match=r"bipartite_match.*does not compile.*made to fail.*plain-PyTorch"):
         failed = kernel_check.check_graph(gm, "auto", compile_launch)
-    assert set(failed) == {"tome_match"}
-    assert {op for _, op in seen} == {"tome_match", "merge", "compose_source"}
+    assert set(failed) == {"bipartite_match"}
+    assert {op for _, op in seen} == {"bipartite_match", "merge", "compose_source"}
     targets = _aten_targets(gm, inputs, mode)
-    assert "tomec.tome_match.default" not in targets  # the plain PyTorch matching instead
+    assert "tomec.bipartite_match.default" not in targets  # the plain PyTorch matching instead
     assert {"tomec.merge.default", "tomec.compose_source.default"} <= targets
     # a second graph of the same shapes: every configuration from the cache, no second warning
     gm2, _, _ = _cuda_graph(config)
@@ -199,7 +199,7 @@ def test_backend_checks_cuda_graphs_before_compiling(fresh_kernel_checks, monkey
 
     def compile_on_device(launch, device):
         calls.append(launch.op)
-        return "CompilationError: made to fail" if launch.op == "tome_match" else None
+        return "CompilationError: made to fail" if launch.op == "bipartite_match" else None
 
     monkeypatch.setattr(kernel_check, "compile_on_device", compile_on_device)
     gm, inputs = trace(make_model("test_vit"), images("test_vit", 2))
@@ -207,8 +207,8 @@ def test_backend_checks_cuda_graphs_before_compiling(fresh_kernel_checks, monkey
     be = tomec.backend(r=30, compiler="eager")
     with pytest.warns(UserWarning, match="does not compile"):
         be(gm, inputs)
-    assert "tome_match" in calls and ops.common.broken_ops().keys() == {"tome_match"}
-    assert ops.resolve_impl("auto", torch.device("cuda"), "tome_match") == "torch"
+    assert "bipartite_match" in calls and ops.common.broken_ops().keys() == {"bipartite_match"}
+    assert ops.resolve_impl("auto", torch.device("cuda"), "bipartite_match") == "torch"
     assert ops.resolve_impl("auto", torch.device("cuda"), "merge") == "triton"
     # CPU graphs are not checked
     calls.clear()

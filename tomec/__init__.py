@@ -30,7 +30,8 @@ __version__ = "0.1.0"
 # back into the package: loaded on first attribute access, so ``import tomec; tomec.reference.patch``
 # works without making ``import tomec`` pay for them.
 _LAZY_SUBMODULES = frozenset({
-    "reference", "flops", "vis", "train", "demo", "kernel_check", "cli", "passes", "kernels", "bench",
+    "reference", "flops", "vis", "train", "demo", "kernel_check", "cli", "cli_args", "passes", "kernels", "bench",
+    "models", "evaluate", "throughput", "digits", "machine", "files",
 })
 
 

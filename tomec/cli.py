@@ -3,7 +3,7 @@
 
 Each subcommand is a thin front end over a documented function of the library:
 :func:`tomec.throughput.run`, :func:`tomec.flops.flops_report`, :func:`tomec.evaluate.evaluate`,
-:func:`tomec.vis.render`, :func:`tomec.digits.study`, :func:`tomec.calibrate.calibrate`, and the
+:func:`tomec.vis.render`, :func:`tomec.digits.study`, :func:`tomec.train.ltmp.calibrate`, and the
 digits fine-tuning studies (:mod:`tomec.digits_dtem`, :mod:`tomec.digits_diffrate`,
 :mod:`tomec.digits_ltmp`). The benchmark scripts under ``bench/`` import the same functions; nothing
 here imports them.
@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import digits, digits_diffrate, digits_dtem, digits_ltmp, evaluate, throughput, vis
-from .calibrate import calibrate
+from .train.ltmp import calibrate
 from .cli_args import (  # noqa: F401 (re-exported: the helpers' old home, tomec.cli.merge_kwargs & co.)
     DEFAULT_MODEL,
     add_debug_argument,

@@ -27,7 +27,7 @@ import torch
 from . import digits
 from .api import backend
 from .cli_args import add_debug_argument, run_command
-from .diffrate_search import schedule_macs, search_diffrate
+from .train.diffrate import schedule_macs, search_diffrate
 from .flops import flops_report
 from .machine import RESULTS as RESULTS_FOLDER
 

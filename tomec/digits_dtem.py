@@ -1,7 +1,7 @@
 """Offline fine-tuning of DTEM's heads on the digits ViT (CPU, seeded, a few minutes).
 
 The backbone (``tomec/data/digits/vit_digits.pt``) stays frozen; only the per-block heads train, by soft
-merging on the training split (:func:`tomec.dtem.train_heads`) with the schedule they are evaluated
+merging on the training split (:func:`tomec.train.dtem.train_heads`) with the schedule they are evaluated
 at: by default ``[32, 16, 8, 4, 2, 1]``, the most the bipartite cap allows (every block halves the
 patch tokens; 25% of the unmerged MACs), where merging costs this model the most. For each seed the
 test split is evaluated through the compiled backend (``compiler="eager"``), same schedule and so
@@ -29,7 +29,7 @@ import torch
 from .api import backend
 from .cli_args import add_debug_argument, parse_integers, run_command
 from .digits import DATA, digits_data, load_trained, over_seeds, scores_of, write_result
-from .dtem import train_heads
+from .train.dtem import train_heads
 from .machine import RESULTS
 
 __all__ = ["HEADS", "RESULT_FILE", "SCHEDULE", "SEEDS", "STEPS", "LR", "BATCH", "evaluate", "run", "main"]

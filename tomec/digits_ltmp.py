@@ -3,7 +3,7 @@
     tomec finetune ltmp       # tomec/data/digits/ltmp_thresholds.json, ltmp-digits.json in tomec.machine.RESULTS
                               # (bench/results/ in a checkout); or: python -m tomec.bench.ltmp_digits
 
-1. Learn the 2 thresholds per block on the training split (backbone frozen; tomec.calibrate).
+1. Learn the 2 thresholds per block on the training split (backbone frozen; tomec.train.ltmp).
 2. Calibrate them on the training split into a static schedule (rounded mean counts).
 3. On the test split: the unmerged model, the thresholded (dynamic) LTMP, the calibrated static
    LTMP through the compiled backend, and ToMe with (a) the same per-block removal counts (equal
@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .api import backend
-from .calibrate import calibrate, threshold_forward, train_thresholds
+from .train.ltmp import calibrate, threshold_forward, train_thresholds
 from .cli_args import add_debug_argument, run_command
 from .digits import DATA, accuracy_of, digits_data, load_trained
 from .errors import ScheduleError

@@ -22,14 +22,21 @@ def _adapter(d, seed=0, scale=0.5):
     return adapter.eval()
 
 
-def test_training_forward_is_the_hard_merge_and_training_moves_the_adapter():
-    model = make_model("test_vit")
-    x = images("test_vit", 4)
+@pytest.mark.parametrize("gated", [False, True])
+def test_training_forward_is_the_hard_merge(gated):
+    """The dense straight-through merge's forward values are the reference's hard merge, the attention
+    gate included (the training forward once ran an attention copy without the gate)."""
+    model = (make_gated_model if gated else make_model)("test_vit")
+    x = images("test_vit", 2)
     adapter = _adapter(32, seed=4).float()
     ref = tomec.reference.patch(copy.deepcopy(model), "fpet", r=50, adapter=adapter)
     with torch.no_grad():
         want, got = ref(x), soft_forward(model, x, adapter)
-    assert relative_error(got, want) <= 1e-5  # the dense straight-through merge's forward values
+    assert relative_error(got, want) <= 1e-5
+
+
+def test_training_moves_the_adapter_and_restores_the_backbone():
+    model = make_model("test_vit")
     y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(0))
     xs = images("test_vit", 16)
     trained = train_adapter(model, (xs, y), steps=3, batch_size=8, progress=False)
@@ -51,15 +58,3 @@ def test_recorded_adapter_accuracy():
     scores = finetune_fpet.evaluate(load_trained(), x_test, y_test, adapter=finetune_fpet.ADAPTER)
     assert scores["accuracy"] == pytest.approx(row["trained_adapter"]["accuracy"], abs=1e-9)
     assert scores["nll"] == pytest.approx(row["trained_adapter"]["nll"], rel=1e-5)
-
-
-def test_training_forward_applies_the_attention_gate():
-    """A gated model: the training forward is the reference's hard merge, gate included (it once ran
-    an attention copy without the gate)."""
-    model = make_gated_model("test_vit")
-    x = images("test_vit", 2)
-    adapter = _adapter(32, seed=4).float()
-    ref = tomec.reference.patch(copy.deepcopy(model), "fpet", r=50, adapter=adapter)
-    with torch.no_grad():
-        want, got = ref(x), soft_forward(model, x, adapter)
-    assert relative_error(got, want) <= 1e-5

@@ -149,7 +149,7 @@ def soft_merge(
     return x, size, n - r
 
 
-# --- the learned heads (their training: tomec.dtem) -------------------------------------------
+# --- the learned heads (their training: tomec.train.dtem) -------------------------------------------
 
 HeadsLike = Union[str, Path, Mapping[str, Tensor], nn.ModuleList, "DtemWeights"]
 

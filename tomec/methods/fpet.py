@@ -37,7 +37,7 @@ def fpet_metric(keys: Tensor, down: Optional[Tensor] = None, up: Optional[Tensor
         down, up: ``[h, d]`` and ``[d, h]`` adapter weights, or None (no adapter: ``k̄`` alone).
 
     Returns:
-        ``[B, N, d]`` in the keys' dtype.
+        ``[B, N, d]`` in fp32 at least (fp64 stays fp64) for keys; a given head mean keeps its dtype.
     """
     k = (key_metric(keys) if keys.dim() == 4 else keys).detach()
     if down is None:

@@ -21,8 +21,9 @@ __all__ = [
 
 
 def key_metric(k: Tensor) -> Tensor:
-    """The keys averaged over heads, ``[B, H, N, d] -> [B, N, d]`` (ToMe's similarity metric)."""
-    return k.mean(1)
+    """The keys averaged over heads, ``[B, H, N, d] -> [B, N, d]`` (ToMe's similarity metric), in fp32
+    at least (fp64 stays fp64): the metric decides discrete matches, as :func:`scoring_metric`."""
+    return k.mean(1, dtype=torch.float64 if k.dtype == torch.float64 else torch.float32)
 
 
 def scoring_metric(metric: Tensor) -> Tensor:
@@ -108,8 +109,8 @@ def bipartite_match(
         ``dest``: ``[B, N]`` int64 in ``[0, N - r)`` (or ``-1``).
     """
     batch, n = check_metric(metric, r, protected)
-    if resolve_impl(impl, metric.device, "tome_match") == "triton":
-        return torch.ops.tomec.tome_match(metric, r, protected, drop_sources)
+    if resolve_impl(impl, metric.device, "bipartite_match") == "triton":
+        return torch.ops.tomec.bipartite_match(metric, r, protected, drop_sources)
     device = metric.device
     n_a, n_b = (n + 1) // 2, n // 2
     prot_a, prot_b = (protected + 1) // 2, protected // 2

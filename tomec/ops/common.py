@@ -33,7 +33,7 @@ _broken_ops: dict[str, str] = {}
 
 
 def mark_broken(op: str, reason: str) -> None:
-    """Record that the Triton op ``op`` (``"tome_match"``, ...) cannot run here: ``impl="auto"``
+    """Record that the Triton op ``op`` (``"bipartite_match"``, ...) cannot run here: ``impl="auto"``
     takes the plain-PyTorch op for it from now on, ``impl="triton"`` raises ``reason``."""
     _broken_ops[op] = reason
 
