@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any
+import inspect
+from typing import Any, Iterator
 
 import pytest
 import timm
@@ -64,11 +66,39 @@ def compile_error(model, x, **kwargs) -> TomecError:
     return inner
 
 
+def _backend_only_keywords() -> frozenset[str]:
+    """Keywords of ``tomec.backend`` that ``tomec.reference.patch`` does not take (how the graph is
+    compiled and run: ``compiler``, ``strict``, ``prop_attn_impl``, ``impl``); every other keyword,
+    method options included, means the same on both sides."""
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    backend = inspect.signature(tomec.backend).parameters
+    patch = inspect.signature(reference.patch).parameters
+    return frozenset(k for k, p in backend.items() if p.kind in named and k not in patch)
+
+
 def reference_of(model: nn.Module, **kwargs: Any) -> nn.Module:
-    """The eager reference patch on a copy of ``model`` (same weights)."""
-    kwargs.pop("compiler", None)
-    kwargs.pop("prop_attn_impl", None)
-    return reference.patch(copy.deepcopy(model), **kwargs)
+    """The eager reference patch on a copy of ``model`` (same weights), given the keywords of a
+    ``tomec.backend`` call: those only the backend takes are left out, the rest (schedule, method
+    and its options) passed on."""
+    skip = _backend_only_keywords()
+    return reference.patch(copy.deepcopy(model), **{k: v for k, v in kwargs.items() if k not in skip})
+
+
+@contextlib.contextmanager
+def uninitialized_memory_poisoned() -> Iterator[None]:
+    """torch's deterministic mode: every uninitialized allocation (``empty``, ``empty_like``, ...) is
+    filled with NaN (integers: the largest value), and ops torch knows to be nondeterministic raise.
+    Running an op again inside it catches reads of memory the op never wrote, which a plain second
+    call in the same process usually does not (the memory holds the same stale values)."""
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def tie_metric(batch: int, n: int, seed: int) -> torch.Tensor:
@@ -110,8 +140,8 @@ def check_parity(name, fused, batch, prop_attn=True, compiler="eager", method="t
     r = R[name] if r is None else r
     compiled, be = compile_tomec(model, method=method, r=r, prop_attn=prop_attn, compiler=compiler,
                                  trace_source=trace_source, **kwargs)
-    ref = reference_of(model, method=method, r=r, prop_attn=prop_attn, trace_source=trace_source,
-                       **kwargs)  # the same method options on both sides
+    # the same schedule, method options and protect= on the reference (compiler-only keywords left out)
+    ref = reference_of(model, method=method, r=r, prop_attn=prop_attn, trace_source=trace_source, **kwargs)
     with torch.no_grad():
         out, expect, plain = compiled(x), ref(x), model(x)
     st = reference.state(ref)

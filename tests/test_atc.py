@@ -9,6 +9,7 @@ import torch
 import tomec
 from tests.helpers import (
     TOLERANCE, check_parity, compile_tomec, images, make_model, reference_of, relative_error, tie_metric,
+    uninitialized_memory_poisoned,
 )
 from tomec import reference
 from tests.oracles import atc as atc_oracle
@@ -16,7 +17,7 @@ from tests.oracles import tome as tome_oracle
 from tomec import methods
 from tomec.config import TomecConfig
 from tomec.errors import ConfigError, ScheduleError
-from tomec.ops.atc import atc_cluster, atc_default_blocks, atc_match
+from tomec.ops import atc_cluster, atc_default_blocks, atc_match
 
 SHAPES = [(5, 0), (6, 1), (9, 2), (12, 3), (14, 4), (17, 5)]
 
@@ -123,7 +124,28 @@ def test_keys_are_averaged_over_heads_and_batch_is_independent():
     assert torch.equal(dest, atc_match(keys.mean(1), 6, 1))
     for b in range(3):
         assert torch.equal(dest[b : b + 1], atc_match(keys[b : b + 1], 6, 1))
-    assert torch.equal(atc_match(keys.float(), 6, 1), atc_match(keys.float(), 6, 1))  # deterministic
+
+
+@pytest.mark.parametrize("linkage", ["average", "complete", "single"])
+def test_clustering_is_deterministic(linkage):
+    """The same labels with uninitialized memory poisoned and from strided keys.
+
+    Calling the op twice in one process cannot fail on CPU: the merge loop runs the same tensor ops on
+    the same values, and memory it forgot to write holds the same stale values on the second call.
+    The second run here fills every uninitialized allocation with NaN / the largest integer (torch's
+    deterministic mode, which also raises on ops torch knows to be nondeterministic; the loop writes
+    its rows and columns with indexed assignment) and takes the keys strided as timm's ``qkv.unbind``
+    gives them. The keys are small integers: exact distances, many tied pairs, so the labels cannot
+    depend on how a layout orders a sum, and every tie goes through the row-major rule.
+    """
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randint(-2, 3, (3, 40, 3, 4, 8), generator=g).float()
+    keys = qkv.permute(2, 0, 3, 1, 4)[1]  # [B, H, N, d], strided
+    first = [atc_match(keys.contiguous(), r, 1, linkage=linkage) for r in (1, 20, 38)]
+    with uninitialized_memory_poisoned():
+        again = [atc_match(keys, r, 1, linkage=linkage) for r in (1, 20, 38)]
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
 
 
 def test_custom_op_fake_and_dynamo():
@@ -159,7 +181,7 @@ def test_default_blocks_and_cap():
     assert atc_default_blocks(24) == [6, 12, 18]
     assert atc_default_blocks(6) == [1, 3, 4]
     assert atc_default_blocks(2) == [0, 1] and atc_default_blocks(1) == [0]
-    assert methods.atc_cap(197, 1) == 195 and methods.atc_cap(1, 1) == 0
+    assert methods.get("atc").cap(197, 1) == 195 and methods.get("atc").cap(1, 1) == 0
     a, b, c = tomec.schedule.spread(195, 3, -0.5)  # all 196 patches but one cluster: within the cap
     assert TomecConfig(method="atc", r=195).resolve_schedule(12, 197, 1) == (
         [0, 0, 0, a, 0, 0, b, 0, 0, c, 0, 0]

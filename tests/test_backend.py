@@ -8,8 +8,10 @@ cores, so the ``slow`` tests cover every value of every axis under Inductor with
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +28,7 @@ from tests.helpers import (
 )
 from tomec import reference
 
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -98,32 +101,90 @@ def test_trace_source_matches_reference_and_sizes():
     assert info["size"][:, 0, 0].eq(1).all()
 
 
-def test_deterministic_bitwise():
-    model = make_model("test_vit")
-    x = images("test_vit", 4)
-    compiled, _ = compile_tomec(model, r=40, compiler="eager")
+def recorded_run(model, x, **kwargs):
+    """Compile ``model`` afresh with tomec (``compiler="eager"``) and run it on ``x``: the logits,
+    the resolved schedule and the Python code of each rewritten graph."""
+    be, codes = tomec.backend(compiler="eager", **kwargs), []
+
+    def spy(gm, example_inputs, **options):
+        fn = be(gm, example_inputs, **options)
+        codes.append(fn.__self__.code)  # eager: the rewritten GraphModule's forward
+        return fn
+
+    torch._dynamo.reset()
     with torch.no_grad():
-        a, b = compiled(x), compiled(x)
-    assert torch.equal(a, b)
+        out = torch.compile(model, backend=spy, fullgraph=True)(x)
+    return {"out": out, "schedule": be.schedule, "codes": codes}
+
+
+def determinism_run(path=None):
+    """test_vit (3 blocks) compiled with tomec, ToMe r=20, on two images (saved to ``path``)."""
+    run = recorded_run(make_model("test_vit", depth=3), images("test_vit", 2), r=20)
+    if path is not None:
+        torch.save(run, path)
+    return run
+
+
+_DETERMINISM_CHILD = """
+import sys
+from tests.helpers import uninitialized_memory_poisoned
+from tests.test_backend import determinism_run
+with uninitialized_memory_poisoned():
+    determinism_run(sys.argv[1])
+"""
+
+
+def test_deterministic_bitwise(tmp_path):
+    """The same rewritten graph and the same logits, bit for bit, from a fresh process with another
+    ``PYTHONHASHSEED`` and uninitialized memory poisoned.
+
+    Calling one compiled model twice cannot fail on CPU (the same Python code on the same tensors,
+    nothing races). The fresh process traces new FX nodes at other addresses under another string
+    hash seed: a pass that walks a set of nodes or of names in iteration order can then rewrite the
+    blocks in another order, pick other nodes or emit other ops. It also runs in torch's
+    deterministic mode with uninitialized memory filled with NaN (integers: the largest value): an
+    inserted op that reads memory it never wrote answers differently than here, and an op torch
+    knows to be nondeterministic raises.
+    """
+    first = determinism_run()
+    seed = os.environ.get("PYTHONHASHSEED", "")
+    env = {**os.environ, "PYTHONHASHSEED": str(int(seed) + 1) if seed.isdigit() else "12345"}
+    path = tmp_path / "run.pt"
+    done = subprocess.run([sys.executable, "-c", _DETERMINISM_CHILD, str(path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    child = torch.load(path)
+    assert sum(first["schedule"]) == 20 and len(first["codes"]) == 1
+    assert child["schedule"] == first["schedule"]
+    assert child["codes"] == first["codes"]
+    assert torch.equal(child["out"], first["out"])
 
 
 @pytest.mark.slow
 def test_inductor_deterministic_and_accepts_mode_and_options():
+    """Two separate Inductor compiles in one mode give the same bits; ``mode=`` and ``options=``
+    reach Inductor. (Calling one compiled model twice cannot fail on CPU: the same kernels run on
+    the same tensors. The second compile traces new FX nodes, rewrites them again and compiles, or
+    loads from Inductor's cache, what that rewrite hashes to: a rewrite that depends on node order
+    or addresses changes the graph, and the kernels with it.)"""
     model = make_model("test_vit")
     x = images("test_vit", 4)
-    torch._dynamo.reset()
-    be = tomec.backend(r=40)
-    compiled = torch.compile(model, backend=be, mode="reduce-overhead", options=None, fullgraph=True)
-    with torch.no_grad():
-        a, b = compiled(x), compiled(x)
-    assert torch.equal(a, b)
+    runs = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        be = tomec.backend(r=40)
+        compiled = torch.compile(model, backend=be, mode="reduce-overhead", options=None, fullgraph=True)
+        with torch.no_grad():
+            runs.append((compiled(x), be.schedule, be.report()))
+    (a, schedule, report), (b, schedule2, report2) = runs
+    assert torch.equal(a, b) and schedule == schedule2 and report == report2
     torch._dynamo.reset()
     be2 = tomec.backend(r=40)
     compiled2 = torch.compile(model, backend=be2, options={"epilogue_fusion": False}, fullgraph=True)
     with torch.no_grad():
         c = compiled2(x)
     assert relative_error(c, a) <= TOLERANCE
-    assert be.schedule == be2.schedule
+    assert be2.schedule == schedule
 
 
 def test_registered_by_name_without_import():
@@ -190,6 +251,15 @@ def test_average_pooling_becomes_size_weighted(name, kwargs, side, protected):
 @pytest.mark.parametrize("impl", ["mask", "manual", "extra_dim", "flex"])
 def test_proportional_attention_implementations_agree(impl):
     check_parity("test_vit", True, 4, True, compiler="eager", prop_attn_impl=impl)
+
+
+def test_check_parity_keeps_backend_only_keywords_from_the_reference():
+    """``impl=`` and ``strict=`` configure the compiled side only; ``protect=`` and method options
+    reach the reference too (a reference without ``protect=2`` would protect only the CLS token,
+    and both sides must resolve the same schedule and source maps)."""
+    check_parity("test_vit", True, 2, compiler="eager", r=12, depth=2, impl="torch", strict=True, protect=2,
+                 trace_source=True)
+    check_parity("test_vit", True, 2, compiler="eager", r=12, depth=2, method="pitome", margin=0.1, bsm_first=False)
 
 
 def test_dynamic_true_keeps_the_token_count_static_and_stays_correct():

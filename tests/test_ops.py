@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+
 import pytest
 import torch
 
-from tests.helpers import random_map, tie_metric
+from tests.helpers import random_map, tie_metric, uninitialized_memory_poisoned
 from tests.oracles import tome as oracle
 from tomec import ops
 from tomec.errors import ConfigError, UnsupportedDtypeError
@@ -124,21 +125,71 @@ def test_merge_low_precision_against_fp64(dtype, atol, rtol):
     assert torch.equal(size.double(), size_ref)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_match_low_precision_runs_and_is_a_valid_map(dtype):
-    dest = ops.bipartite_match(torch.randn(2, 31, 8).to(dtype), 10, 1)
-    for b in range(2):
-        assert sorted(set(dest[b].tolist())) == list(range(21))
+def _low_precision_keys(shape, seed):
+    """Keys that fp16 and bf16 hold exactly: multiples of 1/4 within [-4, 4], and a fifth of the
+    tokens 3 x another one (a scaled copy ties with its original in exact arithmetic, but its norm
+    rounds differently: such ties are decided by the rounding of the scores). With heads, head h
+    is scaled by 2^(-6h): each head stays exact, their sum only in fp32 (so a head sum rounded to
+    fp16/bf16 would split the ties differently). Also continuous values rounded to bf16."""
+    g = torch.Generator().manual_seed(seed)
+    keys = (torch.randn(shape, generator=g) * 4).round().clamp(-16, 16) / 4
+    if len(shape) == 4:
+        keys = keys * 2.0 ** (-6 * torch.arange(shape[1])).view(1, -1, 1, 1)
+    n = shape[-2]
+    order = 1 + torch.randperm(n - 1, generator=g)
+    original, copy = order[: n // 5], order[n // 5 : 2 * (n // 5)]
+    keys[..., copy, :] = 3 * keys[..., original, :]
+    continuous = torch.randn(shape, generator=g).to(torch.bfloat16).to(torch.float16).float()
+    return keys, continuous
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(4, 61, 16), (4, 3, 61, 16)], ids=["metric", "keys"])
+def test_match_low_precision_equals_fp32(dtype, shape):
+    """Scores are widened to fp32 before they decide (keys summed over heads in fp32): on values that
+    fp16 and bf16 hold exactly, the low-precision map EQUALS the fp32 map of the same values, for
+    every r, ties included. Maps computed from fp16/bf16 scores, or from a head sum rounded to
+    fp16/bf16, differ on these inputs (checked by making the op do so)."""
+    for family, keys in enumerate(_low_precision_keys(shape, seed=7)):
+        for r in (1, 10, 30):
+            for drop in (False, True):
+                want = ops.bipartite_match(keys, r, 1, drop_sources=drop)
+                got = ops.bipartite_match(keys.to(dtype), r, 1, drop_sources=drop)
+                assert torch.equal(got, want), (family, r, drop, int((got != want).sum()))
 
 
 def test_ops_are_deterministic():
-    metric, x = torch.randn(4, 197, 64), torch.randn(4, 197, 384)
-    runs = []
-    for _ in range(2):
-        dest = ops.bipartite_match(metric, 40, 1)
-        runs.append((dest, *ops.merge(x, None, dest, 157)))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    """Two merge steps (matching, merge with sizes, source map) give the same bits when run again
+    with every uninitialized allocation poisoned and from inputs in other memory layouts.
+
+    Calling the same op twice in one process cannot fail on CPU: nothing in it races, and memory
+    an op forgot to write usually holds the same stale values on the second call. Here the second
+    run (1) poisons such memory (NaN, or the largest integer: an op that reads memory it never wrote
+    answers differently, or NaN) and makes torch raise on any op it knows to be nondeterministic;
+    (2) takes the keys strided as timm's ``qkv.unbind`` gives them (the first run: contiguous) and
+    the tokens with a channel-major layout. The keys are small integers, so every score is exact
+    and the maps cannot depend on how a layout orders a sum.
+    """
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randint(-3, 4, (4, 197, 3, 6, 64), generator=g).float()
+    keys = qkv.permute(2, 0, 3, 1, 4)[1]  # [B, H, N, d], strided
+    keys2 = torch.randint(-3, 4, (4, 6, 157, 64), generator=g).float()
+    x = torch.randn(4, 197, 384, generator=g)
+
+    def run(keys, keys2, x):
+        dest = ops.bipartite_match(keys, 40, 1)
+        x1, size1 = ops.merge(x, None, dest, 157)
+        dest2 = ops.bipartite_match(keys2, 30, 1, drop_sources=True)
+        x2, size2 = ops.merge(x1, size1, dest2, 127, n_dropped=30)
+        return dest, x1, size1, dest2, x2, size2, ops.compose_source(dest, dest2)
+
+    first = run(keys.contiguous(), keys2, x)
+    with uninitialized_memory_poisoned():
+        again = run(keys, keys2.transpose(0, 1).contiguous().transpose(0, 1),
+                    x.transpose(1, 2).contiguous().transpose(1, 2))
+    for name, a, b in zip(("dest", "x", "size", "dest2", "x2", "size2", "source"), first, again):
+        assert torch.equal(a, b), name
+        assert not (a.is_floating_point() and a.isnan().any()), name
 
 
 def test_bad_inputs_are_clear_errors():

@@ -209,18 +209,31 @@ def test_pitome_kernel_r_zero_is_the_identity():
     assert torch.equal(dest, ops.pitome_match(keys, 0, 1, margin=0.5, bsm=True))
 
 
-def test_matching_kernels_are_deterministic():
+def test_matching_kernels_agree_across_launch_configurations():
+    """Every tiling plan (A tiles of 16 or 32, B chunks of one to three tiles, per image or spread
+    over programs) gives the same map on random float keys, ToMe's and PiToMe's kernels alike.
+
+    Launching one plan twice cannot fail under the interpreter: it runs the programs one after
+    another, the same way each time. Another plan changes which program scores which pairs and how
+    partial maxima meet across chunks; on float keys every score is rounded, so a kernel whose
+    decision depended on that (a pair scored with other roundings in another tile, a cross-chunk
+    maximum that is not the first, a program reading what another one writes) answers differently
+    under some plan. (The tiles tests above check each plan on exact, tied scores.)
+    """
     keys = torch.randn(2, 4, 70, 32, generator=torch.Generator().manual_seed(2))
-    for plan in (TomePlan(False, 16, 16, 16), TomePlan(True, 32, 32)):
-        runs = [torch.full((2, 70), -7, dtype=torch.int64) for _ in range(2)]
-        for dest in runs:
-            run_tome_match(keys, 30, 1, dest, False, plan)
-        assert torch.equal(runs[0], runs[1]), plan
-    for plan in (plan_pitome(2, 70, 1, 30, True), PitomePlan(True, 32)):
-        runs = [torch.full((2, 70), -7, dtype=torch.int64) for _ in range(2)]
-        for dest in runs:
-            run_pitome_match(keys, 30, 1, 0.5, True, dest, plan)
-        assert torch.equal(runs[0], runs[1]), plan
+    maps = []
+    for plan in TOME_PLANS:
+        dest = torch.full((2, 70), -7, dtype=torch.int64)
+        run_tome_match(keys, 17, 1, dest, False, plan)
+        maps.append(dest)
+    assert all(torch.equal(m, maps[0]) for m in maps)
+    assert torch.equal(maps[0], ops.bipartite_match(keys, 17, 1))
+    maps = []
+    for plan in PITOME_PLANS + [plan_pitome(2, 70, 1, 17, True)]:
+        dest = torch.full((2, 70), -7, dtype=torch.int64)
+        run_pitome_match(keys, 17, 1, 0.5, True, dest, plan)
+        maps.append(dest)
+    assert all(torch.equal(m, maps[0]) for m in maps)
 
 
 def test_matching_plans_spread_small_batches():
@@ -294,15 +307,59 @@ def test_merge_kernel_keeps_fp64(mode):
     assert torch.equal(size_out, size_exact)
 
 
-def test_merge_kernel_is_deterministic():
-    x = torch.randn(2, 197, 64)
-    dest = ops.bipartite_match(torch.randn(2, 197, 32), 60, 1)
-    runs = []
-    for _ in range(2):
-        out, size = torch.empty(2, 137, 64), torch.empty(2, 137, 1)
-        launch_merge(x, None, dest, None, out, size)
-        runs.append((out, size))
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+def sequential_merge(x, size, dest, w, n_out):
+    """The merge the kernel's comment promises, one member at a time: each slot sums ``w · x`` of its
+    members in increasing position, in fp32 (fp16 tokens widened), then divides by the summed
+    weights; sizes summed the same way."""
+    batch, n, channels = x.shape
+    acc = torch.zeros(batch, n_out, channels)
+    weight = torch.zeros(batch, n_out)
+    total = torch.zeros(batch, n_out)
+    for b in range(batch):
+        for i in range(n):  # increasing position
+            slot = int(dest[b, i])
+            if slot < 0:
+                continue
+            s = size[b, i, 0].float() if size is not None else torch.tensor(1.0)
+            wi = w[b, i, 0].float() if w is not None else s
+            acc[b, slot] = acc[b, slot] + wi * x[b, i].float()
+            weight[b, slot] = weight[b, slot] + wi
+            total[b, slot] = total[b, slot] + s
+    return (acc / weight.unsqueeze(-1)).to(x.dtype), total.unsqueeze(-1).to(x.dtype)
+
+
+def test_merge_kernel_sums_in_a_fixed_order():
+    """The merge kernel's bits equal a one-member-at-a-time fp32 sum in increasing position (fp32 and
+    fp16 tokens), and do not change with the channel tiling or the batch.
+
+    Launching the kernel twice cannot fail under the interpreter: it runs the programs one after
+    another, the same way each time. What makes the kernel deterministic on a GPU is that every slot
+    sums its members in one fixed order (no atomics); that order is checked here bit for bit (slots
+    of three and more members: another order, a tree sum or an atomic one, rounds differently), and
+    so is its independence of the launch: the same tokens padded to 300 channels (three channel
+    tiles instead of one) and an image launched alone give the same bits.
+    """
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 101, 64, generator=g)
+    size = torch.randint(1, 6, (2, 101, 1), generator=g).float()
+    w = torch.rand(2, 101, 1, generator=g) + 0.5
+    dest = random_map(2, 101, 30, 10, seed=4)
+    assert torch.bincount(dest[0][dest[0] >= 0]).max() >= 3  # long sums: their order shows
+
+    def run(x, size, w, dest):
+        out = torch.full((x.shape[0], 30, x.shape[2]), float("nan"), dtype=x.dtype)
+        size_out = torch.full((x.shape[0], 30, 1), float("nan"), dtype=x.dtype)
+        launch_merge(x, size, dest, w, out, size_out)
+        return out, size_out
+
+    for dtype in (torch.float32, torch.float16):
+        out, size_out = run(x.to(dtype), size.to(dtype), w.to(dtype), dest)
+        want, want_size = sequential_merge(x.to(dtype), size.to(dtype), dest, w.to(dtype), 30)
+        assert torch.equal(out, want) and torch.equal(size_out, want_size), dtype
+    out, _ = run(x, size, w, dest)
+    wide = torch.cat([x, torch.randn(2, 101, 236, generator=g)], dim=-1)
+    assert torch.equal(run(wide, size, w, dest)[0][..., :64], out)
+    assert torch.equal(run(x[1:], size[1:], w[1:], dest[1:])[0], out[1:])
 
 
 def test_compose_source_kernel():
