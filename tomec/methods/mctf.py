@@ -20,7 +20,7 @@ from tomec.errors import ConfigError
 
 from tomec.ops.attention import attention_received
 from tomec.ops.common import check_dtype, descending_rank
-from tomec.ops.bipartite import check_protected, cosine, interleave, scoring_metric
+from tomec.ops.bipartite import ab_blocked, check_protected, cosine, interleave, scoring_metric
 from tomec.schedule import tome_cap
 
 from .core import MatchInput, MatchResult, Method, Options, check_bool, check_real, register
@@ -121,7 +121,7 @@ def mctf_match(
     if tau_size and size is not None:
         inv = 1.0 / size.to(wide).squeeze(-1)
         scores = scores * _pair_power(inv / inv.amax(-1, keepdim=True), tau_size)
-    blocked = (ia < prot_a).view(n_a, 1) | (ib < prot_b).view(1, n_b)
+    blocked = ab_blocked(n_a, n_b, protected, device)
     scores = scores.masked_fill(blocked, float("-inf"))
 
     # Direction 1: A -> B.
