@@ -80,3 +80,14 @@ def test_site_and_reduction_blocks_follow_the_options():
     assert TomecConfig(method="dct", r=8).site == "block"
     assert TomecConfig(method="mctf", r=8).resolve_schedule(4, 50, 1)[0] == 0  # block 0 left alone
     assert TomecConfig(method="atc", r=9, method_options={"blocks": [1]}).resolve_schedule(3, 50, 1) == [0, 9, 0]
+
+
+@pytest.mark.parametrize(
+    "method,values",
+    [("mctf", {"tau_info": 0, "one_step_ahead": False}), ("atc", {"blocks": [2, 5], "linkage": "single"}),
+     ("ltmp", {"counts": {"merge": [1, 1], "prune": [0, 1]}}), ("pitome", {"margin": 0.25}), ("tome", {})],
+)
+def test_graph_args_come_back_as_the_same_options(method, values):
+    """A graph node carries plain fields; the step rebuilds the same typed options from them."""
+    options = methods.get(method).make_options(values)
+    assert methods.core._options_of(methods.get(method), options.graph_args()) == options

@@ -22,7 +22,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Optional
 
-import pytest
 
 import tomec
 

@@ -110,6 +110,18 @@ class Options:
         """The fields a block step's graph node carries (plain values: FX writes them as code)."""
         return {k: v for k, v in self.as_dict().items() if k not in self.param_fields}
 
+    @classmethod
+    def from_graph_args(cls, values: Mapping[str, Any]) -> "Options":
+        """The options back from :meth:`graph_args` (already validated: no second check, which
+        would otherwise run in every block of every call of an eagerly run graph); the
+        ``param_fields`` take their defaults, the matcher never reads them."""
+        out = object.__new__(cls)
+        for f in dataclasses.fields(cls):
+            value = values[f.name] if f.name in values else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+            object.__setattr__(out, f.name, value)
+        return out
+
     def owns_schedule(self) -> bool:
         """Whether these options define the schedule instead of ``r`` / ``schedule=``."""
         return self.schedule_field is not None and getattr(self, self.schedule_field) is not None
@@ -273,7 +285,7 @@ def _options_of(spec: Method, options: Union[Options, Mapping[str, Any], None]) 
     """The step's options: the typed object (eager reference), or a graph node's plain fields."""
     if isinstance(options, Options):
         return options
-    return spec.options(**dict(options or {}))
+    return spec.options.from_graph_args(options or {})
 
 
 def _match(x, size, keys, queries, *, method, r, protected, layer, num_layers, scale, prop_attn, impl,
